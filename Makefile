@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` and `make test`.  Both set themselves up.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# Two workers match the CI machine (2 cores); override with `make test JOBS=1`.
+JOBS   ?= 2
+
+.PHONY: demo test venv bench docs clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch comes first from the pinned CPU wheel, so nothing can resolve a CUDA build.
+	$(PIP) install -q -c constraints.txt "torch==2.13.0"
+	$(PIP) install -q -c constraints.txt -e ".[torch,test,bench,cli]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n $(JOBS) -q
+
+demo: $(STAMP)
+	$(PY) -m onlinela_torch demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/randomized_eigh.py
+	$(PY) benchmarks/brand_update.py
+
+docs: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[docs]"
+	$(VENV)/bin/sphinx-build -W -b html docs docs/_build/html
+
+clean:
+	rm -rf $(VENV) build *.egg-info docs/_build .pytest_cache .hypothesis
