@@ -1,62 +1,600 @@
-"""The ``onlinela`` command.
+"""The ``onlinela`` command: compare, train and inspect K-FAC-family optimizers.
 
-Subcommands grow with the project; ``demo`` is what ``make demo`` runs.
+Subcommands
+-----------
+compare   every available optimizer on one task, same seeds and budget, learning
+          rates picked from one grid by a short probe; table, JSON and PNG
+train     one optimizer on one task, with checkpoint and resume
+spectrum  eigenvalue decay of real EA K-factors at several widths vs the EA bound
+demo      ``compare`` with a budget that runs in a few minutes on 2 CPU cores
+
+Data are read from disk only (see :mod:`onlinela_torch.data`); results go to
+``--out`` (default ``out/<command>``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import logging
+import math
+import os
+import pathlib
+import platform
+import statistics
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
-import numpy as np
+import torch
 
-import onlinela
+from . import experiment as ex
+from .data import DataError, Dataset, load_dataset
 
-logger = logging.getLogger("onlinela")
+logger = logging.getLogger("onlinela_torch")
+
+DEFAULT_LR_GRID = (0.1, 0.01, 0.001)
+#: ``onlinela demo``: the MNIST autoencoder proxy, every optimizer, one seed.
+DEMO_DEFAULTS = {"task": "mnist-autoencoder", "epochs": 6, "probe_epochs": 0.5, "seeds": [0], "out": "out/demo"}
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Low-rank damped inverse of an EA-built PSD matrix vs a dense solve."""
-    rng = np.random.default_rng(args.seed)
-    d, s, rho = args.dim, 32, 0.95
-    M = np.zeros((d, d))
-    for _ in range(60):
-        X = rng.standard_normal((d, s)) * np.geomspace(1, 1e-2, s) / np.sqrt(s)
-        M = rho * M + (1 - rho) * X @ X.T
-    t0 = time.perf_counter()
-    w, U = np.linalg.eigh(M)
-    t_eigh = time.perf_counter() - t0
-    r = args.rank
-    approx = onlinela.LowRankPSD(U[:, ::-1][:, :r].copy(), np.clip(w[::-1][:r], 0, None).copy())
-    mu = 1e-3 * w[-1] + 1e-2 * w.max()
-    G = rng.standard_normal((d, 8))
-    exact = np.linalg.solve(M + mu * np.eye(d), G)
-    t0 = time.perf_counter()
-    fast = approx.solve(G, mu)
-    t_solve = time.perf_counter() - t0
-    err = np.linalg.norm(fast - exact) / np.linalg.norm(exact)
-    out = sys.stdout
-    out.write(f"EA matrix d={d}, {60} rank-{s} increments, decay {rho}\n")
-    out.write(f"lambda_(r+1)/lambda_1 at r={r}: {w[::-1][r] / w[::-1][0]:.2e}\n")
-    out.write(f"dense eigh: {t_eigh:.3f} s; low-rank solve (r={r}): {t_solve * 1e3:.2f} ms; rel. error {err:.2e}\n")
+class CLIError(Exception):
+    """A bad argument found after parsing; ``main`` prints it and returns 2."""
+
+
+# ------------------------------------------------------------ argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _list_of(kind: Any) -> Any:
+    def parse(text: str) -> list[Any]:
+        items = [t for t in text.replace(" ", "").split(",") if t]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return [kind(t) for t in items]
+
+    return parse
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. damping=0.01), got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+# ------------------------------------------------------------------- helpers
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available in this torch build ({torch.__version__})")
+    return device
+
+
+def _task(args: argparse.Namespace) -> ex.Task:
+    task = ex.TASKS[args.task]
+    if task.needs_data_dir and args.data_dir is None:
+        raise CLIError(f"task {task.name} needs --data-dir (a directory holding the CIFAR-10 python batches)")
+    return task
+
+
+def _load(args: argparse.Namespace, task: ex.Task) -> Dataset:
+    data = load_dataset(task.dataset, data_dir=args.data_dir, seed=0, max_train=args.max_train)
+    return data.to(_device(args.device))
+
+
+def _progress(args: argparse.Namespace, total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=args.quiet or not sys.stderr.isatty())
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _out_dir(args: argparse.Namespace) -> pathlib.Path:
+    out = pathlib.Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot create the output directory: {exc}") from None
+    return out
+
+
+def _write_json(path: pathlib.Path, payload: dict[str, Any]) -> None:
+    def clean(obj: Any) -> Any:
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return None
+        if isinstance(obj, dict):
+            return {str(k): clean(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [clean(v) for v in obj]
+        return obj
+
+    path.write_text(json.dumps(clean(payload), indent=1))
+
+
+def _kfac_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(args.kfac_opt or [])
+
+
+def _build(args: argparse.Namespace, task: ex.Task, data: Dataset, name: str, lr: float, seed: int) -> tuple[Any, Any]:
+    """A model initialised from ``seed`` and its optimizer."""
+    torch.manual_seed(seed)
+    model = task.build_model(data, args.width).to(data.x_train.device)
+    return model, _stepper(args, task, model, name, lr)
+
+
+def _stepper(args: argparse.Namespace, task: ex.Task, model: torch.nn.Module, name: str, lr: float) -> ex.Stepper:
+    try:
+        return ex.build_stepper(name, model, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                kfac_options=_kfac_options(args), task=task)
+    except ex.OptionError as exc:
+        raise CLIError(f"--kfac-opt: {exc}") from None
+
+
+def _optimizer_names(requested: Sequence[str] | None) -> list[str]:
+    specs = ex.available_optimizers()
+    if not requested or requested == ["all"]:
+        return list(specs)
+    unknown = [n for n in requested if n not in specs]
+    if unknown:
+        missing = [n for n in unknown if n in ex.KFAC_METHODS or n.startswith("kld-wrm-")]
+        hint = f" ({', '.join(missing)} need the K-FAC family, not importable in this installation)" if missing else ""
+        raise CLIError(f"unknown optimizer(s) {', '.join(unknown)}{hint}; available: {', '.join(specs)}")
+    return list(dict.fromkeys(requested))
+
+
+# ------------------------------------------------------------------- compare
+def _compare(args: argparse.Namespace) -> int:
+    task = _task(args)
+    names = _optimizer_names(args.optimizers)
+    data = _load(args, task)
+    epochs = args.epochs or task.epochs
+    batch = args.batch_size or task.batch_size
+    targets = args.targets or list(task.targets)
+    grid = [args.lr] if args.lr else (args.lr_grid or list(DEFAULT_LR_GRID))
+    steps_per_epoch = max(1, data.x_train.shape[0] // batch)
+    probe_steps = max(1, math.ceil(args.probe_epochs * steps_per_epoch))
+    out = _out_dir(args)
+    logger.info(
+        "compare: %s, %s, %d epochs x %d steps, batch %d, seeds %s, lr grid %s",
+        task.name, ", ".join(names), epochs, steps_per_epoch, batch, args.seeds, grid,
+    )
+
+    def run(name: str, lr: float, seed: int, *, max_steps: int | None = None) -> ex.RunResult:
+        model, stepper = _build(args, task, data, name, lr, seed)
+        n_epochs = epochs if max_steps is None else math.ceil(max_steps / steps_per_epoch)
+        with _progress(args, n_epochs, f"{name} lr={lr:g} seed={seed}") as bar:
+            return ex.train(task, data, model, stepper, epochs=n_epochs, batch_size=batch, seed=seed,
+                            max_steps=max_steps, progress=bar)
+
+    results: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    t_start = time.perf_counter()
+    for name in names:
+        family = ex.available_optimizers()[name].family
+        try:
+            if len(grid) > 1:
+                lr, scores = ex.select_lr(task, grid, lambda lr: run(name, lr, args.seeds[0], max_steps=probe_steps))
+                logger.info("%s: probe %s -> lr %g", name, {k: round(v, 4) for k, v in scores.items()}, lr)
+            else:
+                lr, scores = grid[0], {}
+            runs = {seed: run(name, lr, seed) for seed in args.seeds}
+        except CLIError:
+            raise
+        except Exception as exc:  # one broken curvature method must not sink the comparison
+            if family == "baseline":
+                raise
+            logger.warning("%s failed and is left out: %s: %s", name, type(exc).__name__, exc)
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        results[name] = _summarise(task, targets, lr, scores, runs)
+    wall = time.perf_counter() - t_start
+
+    payload = {
+        "command": "compare",
+        "task": task.name,
+        "metric": task.metric_name,
+        "higher_is_better": task.higher_is_better,
+        "data": {"name": data.name, "source": data.source, "train": int(data.x_train.shape[0]),
+                 "test": int(data.x_test.shape[0]), "image_shape": list(data.image_shape)},
+        "config": {"epochs": epochs, "batch_size": batch, "seeds": args.seeds, "targets": targets,
+                   "lr_grid": grid, "probe_steps": probe_steps if len(grid) > 1 else 0,
+                   "width": args.width if args.width is not None else task.width, "momentum": args.momentum,
+                   "weight_decay": args.weight_decay, "kfac_options": {**task.kfac, **_kfac_options(args)}},
+        "environment": _environment(data.x_train.device),
+        "wall_seconds": wall,
+        "results": results,
+        "failed": failed,
+    }
+    _write_json(out / "compare.json", payload)
+    _plot_compare(out / "compare.png", task, targets, results)
+    sys.stdout.write(_compare_table(task, targets, results, failed))
+    sys.stdout.write(f"\n{wall:.0f} s in all; wrote {out / 'compare.json'} and {out / 'compare.png'}\n")
     return 0
 
 
+def _summarise(task: ex.Task, targets: Sequence[float], lr: float, scores: dict[float, float],
+               runs: dict[int, ex.RunResult]) -> dict[str, Any]:
+    per_seed = []
+    for seed, res in runs.items():
+        hits = {str(t): ex.reached(task, res.history, t) for t in targets}
+        per_seed.append({
+            "seed": seed,
+            "final_metric": res.final_metric,
+            "diverged": res.diverged,
+            "seconds_per_epoch": res.seconds_per_epoch,
+            "time_to_target": {t: h[0] if h else None for t, h in hits.items()},
+            "epochs_to_target": {t: h[1] if h else None for t, h in hits.items()},
+            "phase_seconds": res.phase_seconds,
+            "history": res.history,
+        })
+    finals = [r["final_metric"] for r in per_seed if math.isfinite(r["final_metric"])]
+    return {
+        "lr": lr,
+        "probe": {str(k): v for k, v in scores.items()},
+        "final_metric_mean": statistics.fmean(finals) if finals else math.nan,
+        "final_metric_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
+        "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in per_seed),
+        "phase_seconds": {k: statistics.fmean(r["phase_seconds"][k] for r in per_seed) for k in ex._PHASES},
+        "runs": per_seed,
+    }
+
+
+def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, Any], failed: dict[str, str]) -> str:
+    arrow = ">=" if task.higher_is_better else "<="
+    head = ["optimizer", "lr", task.metric_name, "s/epoch"]
+    head += [f"{arrow}{t:g}: s / ep" for t in targets]
+    head += ["stats s", "decomp s", "precond s"]
+    rows = []
+    for name, r in results.items():
+        n = len(r["runs"])
+        metric = f"{r['final_metric_mean']:.4g}" + (f" ± {r['final_metric_std']:.2g}" if n > 1 else "")
+        if any(run["diverged"] for run in r["runs"]):
+            metric += " (diverged)"
+        row = [name, f"{r['lr']:g}", metric, f"{r['seconds_per_epoch']:.3g}"]
+        for t in targets:
+            times = [run["time_to_target"][str(t)] for run in r["runs"] if run["time_to_target"][str(t)] is not None]
+            eps = [run["epochs_to_target"][str(t)] for run in r["runs"] if run["epochs_to_target"][str(t)] is not None]
+            if not times:
+                row.append("never")
+            else:
+                cell = f"{statistics.median(times):.3g} / {statistics.median(eps):g}"
+                row.append(cell + (f" ({len(times)}/{n})" if len(times) < n else ""))
+        row += [f"{r['phase_seconds'][k]:.3g}" if r["phase_seconds"][k] else "-" for k in ex._PHASES]
+        rows.append(row)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines) + "\n"
+    text += "(time to target: median training seconds / epochs over the seeds that reached it; evaluation excluded)\n"
+    for name, why in failed.items():
+        text += f"{name}: failed, left out ({why})\n"
+    return text
+
+
+def _plot_compare(path: pathlib.Path, task: ex.Task, targets: Sequence[float], results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, r) in enumerate(results.items()):
+        for j, run in enumerate(r["runs"]):
+            hist = [h for h in run["history"] if math.isfinite(h["metric"])]
+            label = f"{name} (lr {r['lr']:g})" if j == 0 else None
+            axes[0].plot([h["seconds"] for h in hist], [h["metric"] for h in hist], color=colors[i % 20], label=label)
+            axes[1].plot([h["epoch"] for h in hist], [h["metric"] for h in hist], color=colors[i % 20])
+    for ax, xlabel in zip(axes, ("training wall-clock (s)", "epoch")):
+        for t in targets:
+            ax.axhline(t, color="grey", lw=0.6, ls=":")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    if not task.higher_is_better:
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel(task.metric_name)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"onlinela compare: {task.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------- train
+_RESUME_KEYS = ("task", "optimizer", "lr", "seed", "batch_size", "width", "momentum", "weight_decay")
+
+
+def _train(args: argparse.Namespace) -> int:
+    task = _task(args)
+    name = _optimizer_names([args.optimizer])[0]
+    if args.resume and not args.checkpoint:
+        raise CLIError("--resume needs --checkpoint PATH (the file to resume from)")
+    if args.resume and not pathlib.Path(args.checkpoint).is_file():
+        raise CLIError(f"--resume: no checkpoint at {args.checkpoint}")
+    data = _load(args, task)
+    lr = args.lr or ex.available_optimizers()[name].lr
+    batch = args.batch_size or task.batch_size
+    epochs = args.epochs or task.epochs
+    config = {"task": task.name, "optimizer": name, "lr": lr, "seed": args.seed, "batch_size": batch,
+              "width": args.width, "momentum": args.momentum, "weight_decay": args.weight_decay,
+              "kfac_options": _kfac_options(args)}
+    model, stepper = _build(args, task, data, name, lr, args.seed)
+    history = None
+    if args.resume:
+        try:
+            state = ex.load_checkpoint(args.checkpoint, model=model, stepper=stepper)
+        except (RuntimeError, KeyError, OSError, EOFError) as exc:
+            raise CLIError(f"--resume: {args.checkpoint} is not a checkpoint of this run: {exc}") from None
+        saved = state["config"]
+        diff = [k for k in _RESUME_KEYS if saved.get(k) != config[k]]
+        if diff:
+            raise CLIError("--resume: the checkpoint was written with different settings: "
+                           + ", ".join(f"{k}={saved.get(k)!r} (now {config[k]!r})" for k in diff))
+        history = state["history"]
+        logger.info("resumed from %s at epoch %d", args.checkpoint, state["epoch"])
+
+    def on_epoch(epoch: int, hist: list[dict[str, float]]) -> None:
+        rec = hist[-1]
+        logger.info("epoch %d: %.1f s, loss %.4g, %s %.4g", epoch, rec["seconds"], rec["train_loss"],
+                    task.metric_name, rec["metric"])
+        if args.checkpoint:
+            ex.save_checkpoint(args.checkpoint, model=model, stepper=stepper, history=hist, config=config)
+
+    start = int(history[-1]["epoch"]) if history else 0
+    with _progress(args, max(0, epochs - start), f"{name} on {task.name}") as bar:
+        result = ex.train(task, data, model, stepper, epochs=epochs, batch_size=batch, seed=args.seed,
+                          history=history, on_epoch=on_epoch, progress=bar)
+    out = _out_dir(args)
+    _write_json(out / "train.json", {
+        "command": "train", "config": config, "metric": task.metric_name, "diverged": result.diverged,
+        "phase_seconds": result.phase_seconds, "history": result.history,
+        "environment": _environment(data.x_train.device),
+    })
+    last = result.history[-1]
+    status = " (diverged)" if result.diverged else ""
+    sys.stdout.write(f"{name} on {task.name}: epoch {last['epoch']}, {task.metric_name} {last['metric']:.4g}{status}, "
+                     f"{last['seconds']:.1f} s training; wrote {out / 'train.json'}\n")
+    return 1 if result.diverged else 0
+
+
+# ------------------------------------------------------------------ spectrum
+def _spectrum(args: argparse.Namespace) -> int:
+    import onlinela
+
+    task = _task(args)
+    name = _optimizer_names([args.optimizer])[0]
+    data = _load(args, task)
+    bound = getattr(onlinela, "ea_eigenvalue_bound", None)
+    if bound is None:
+        logger.warning("onlinela.ea_eigenvalue_bound is not available in this installation: plotting spectra without the bound")
+    batch = args.batch_size or task.batch_size
+    lr = args.lr or ex.available_optimizers()[name].lr
+    out = _out_dir(args)
+    spectra = []
+    for width in args.widths:
+        torch.manual_seed(args.seed)
+        model = task.build_model(data, width).to(data.x_train.device)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not -len(linears) <= args.layer < len(linears):
+            raise CLIError(f"--layer {args.layer}: the {task.name} model has {len(linears)} Linear layers")
+        layer = linears[args.layer]
+        recorder = ex.EAFactorRecorder(layer, decay=args.decay)
+        stepper = _stepper(args, task, model, name, lr)
+        with _progress(args, args.epochs, f"width {width:g}") as bar:
+            ex.train(task, data, model, stepper, epochs=args.epochs, batch_size=batch, seed=args.seed, progress=bar)
+        recorder.remove()
+        for key in ("A", "G"):
+            eig = recorder.eigenvalues(key)
+            entry = {
+                "width": width, "factor": key, "layer": f"{args.layer}: {layer.in_features}->{layer.out_features}",
+                "dim": int(eig.numel()), "steps": recorder.steps[key], "decay": args.decay,
+                "increment_rank": recorder.increment_rank, "increment_norm": recorder.increment_norm[key],
+                "eigenvalues": eig.tolist(),
+                "modes_above": {str(eps): int((eig > eps * eig[0]).sum()) for eps in args.eps},
+            }
+            if bound is not None:
+                entry["bound"] = [
+                    float(bound(j, decay=args.decay, increment_rank=recorder.increment_rank,
+                                increment_norm=recorder.increment_norm[key]))
+                    for j in range(1, eig.numel() + 1)
+                ]
+            spectra.append(entry)
+    _write_json(out / "spectrum.json", {
+        "command": "spectrum", "task": task.name, "optimizer": name, "lr": lr, "epochs": args.epochs,
+        "batch_size": batch, "bound_available": bound is not None, "spectra": spectra,
+        "environment": _environment(data.x_train.device),
+    })
+    _plot_spectrum(out / "spectrum.png", task, spectra)
+    head = ["width", "factor", "dim", "lambda_1", "K", *(f"modes > {eps:g}·lambda_1" for eps in args.eps)]
+    rows = [[f"{s['width']:g}", s["factor"], str(s["dim"]), f"{s['eigenvalues'][0]:.3g}", f"{s['increment_norm']:.3g}",
+             *(str(s["modes_above"][str(eps)]) for eps in args.eps)] for s in spectra]
+    widths = [max(len(c) for c in col) for col in zip(head, *rows)]
+    for line in [head, *rows]:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() + "\n")
+    sys.stdout.write(f"wrote {out / 'spectrum.json'} and {out / 'spectrum.png'}\n")
+    return 0
+
+
+def _plot_spectrum(path: pathlib.Path, task: ex.Task, spectra: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.get_cmap("viridis")
+    widths = sorted({s["width"] for s in spectra})
+    for ax, key in zip(axes, ("A", "G")):
+        for s in (s for s in spectra if s["factor"] == key):
+            c = colors(widths.index(s["width"]) / max(1, len(widths) - 1))
+            lam1 = s["eigenvalues"][0] or 1.0
+            idx = range(1, s["dim"] + 1)
+            ax.semilogy(idx, [max(v / lam1, 1e-16) for v in s["eigenvalues"]], color=c,
+                        label=f"width {s['width']:g} (d={s['dim']})")
+            if "bound" in s:
+                ax.semilogy(idx, [b / lam1 for b in s["bound"]], color=c, ls="--", lw=0.8)
+        ax.set_title(f"{key}-factor of layer {spectra[0]['layer'].split(':')[0]} (dashed: EA bound)")
+        ax.set_xlabel("index j")
+        ax.set_ylabel("lambda_j / lambda_1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"onlinela spectrum: {task.name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------- parser
+def _common(parser: argparse.ArgumentParser, *, default_task: str, default_out: str) -> None:
+    parser.add_argument("--task", choices=sorted(ex.TASKS), default=default_task,
+                        help=f"benchmark (default {default_task}): "
+                             + "; ".join(f"{t.name}: {t.description}" for t in ex.TASKS.values()))
+    parser.add_argument("--data-dir", help="directory with MNIST IDX files or CIFAR-10 python batches "
+                                           "(default for mnist: the bundled 5,000-image subset)")
+    parser.add_argument("--max-train", type=_positive_int, help="use a seeded subset of this many training images")
+    parser.add_argument("--batch-size", type=_positive_int, help="minibatch size (default: the task's)")
+    parser.add_argument("--width", type=_positive_float, help="model width scale (default: the task's)")
+    parser.add_argument("--momentum", type=_float, default=0.9, help="SGD momentum, shared by SGD, K-FAC and KLD-WRM")
+    parser.add_argument("--weight-decay", type=_float, default=0.0, help="weight decay, added after preconditioning")
+    parser.add_argument("--kfac-opt", type=_key_value, action="append", metavar="KEY=VALUE",
+                        help="extra KFACPreconditioner keyword (repeatable), e.g. damping=0.01 rank=64")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default cpu)")
+    parser.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onlinela", description=__doc__)
-    parser.add_argument("--quiet", action="store_true", help="only warnings and results")
+    """The ``onlinela`` argument parser."""
+    parser = argparse.ArgumentParser(prog="onlinela", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; only results")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="small linear-algebra demo (what `make demo` runs)")
-    demo.add_argument("--dim", type=int, default=512)
-    demo.add_argument("--rank", type=int, default=64)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+
+    for cmd, helptext in (("compare", "compare optimizers on one task"),
+                          ("demo", "what `make demo` runs: compare with a few-minute budget")):
+        p = sub.add_parser(cmd, help=helptext, description=helptext)
+        demo = cmd == "demo"
+        _common(p, default_task=DEMO_DEFAULTS["task"] if demo else "mnist-autoencoder",
+                default_out=DEMO_DEFAULTS["out"] if demo else "out/compare")
+        p.add_argument("--optimizers", type=_list_of(str), help="comma-separated names, or all (default all available)")
+        p.add_argument("--epochs", type=_positive_int, default=DEMO_DEFAULTS["epochs"] if demo else None,
+                       help="epochs per run (default: the task's)")
+        p.add_argument("--targets", type=_list_of(_float), help="metric targets for time-to-target (default: the task's)")
+        p.add_argument("--seeds", type=_list_of(_nonneg_int), default=[0], help="comma-separated seeds (default 0)")
+        p.add_argument("--lr-grid", type=_list_of(_positive_float),
+                       help="learning rates every optimizer picks from by a probe run "
+                            f"(default {','.join(map(str, DEFAULT_LR_GRID))})")
+        p.add_argument("--lr", type=_positive_float, help="one learning rate for every optimizer (no probe)")
+        p.add_argument("--probe-epochs", type=_positive_float, default=DEMO_DEFAULTS["probe_epochs"] if demo else 1.0,
+                       help="length of each learning-rate probe run, in epochs (fractions allowed)")
+        p.set_defaults(func=_compare)
+
+    p = sub.add_parser("train", help="train one optimizer, with checkpoint/resume",
+                       description="Train one optimizer on one task; --checkpoint saves after every epoch.")
+    _common(p, default_task="mnist-autoencoder", default_out="out/train")
+    p.add_argument("--optimizer", default="sgd", help="optimizer name (see `onlinela compare --help`)")
+    p.add_argument("--lr", type=_positive_float, help="learning rate (default: the optimizer's)")
+    p.add_argument("--epochs", type=_positive_int, help="total epochs to reach (default: the task's)")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--checkpoint", help="checkpoint file, written after every epoch")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("spectrum", help="eigenvalue decay of EA K-factors at several widths vs the bound",
+                       description="Train briefly at several widths, record one Linear layer's EA K-factors "
+                                   "with hooks, and plot their spectra against onlinela.ea_eigenvalue_bound.")
+    _common(p, default_task="mnist-autoencoder", default_out="out/spectrum")
+    p.add_argument("--widths", type=_list_of(_positive_float), default=[0.25, 0.5, 1.0], help="model width scales")
+    p.add_argument("--layer", type=int, default=1, help="index of the Linear layer to record (default 1)")
+    p.add_argument("--epochs", type=_positive_int, default=1)
+    p.add_argument("--optimizer", default="sgd")
+    p.add_argument("--lr", type=_positive_float)
+    p.add_argument("--decay", type=_positive_float, default=0.95, help="EA decay rho (default 0.95)")
+    p.add_argument("--eps", type=_list_of(_positive_float), default=[1e-2, 1e-3], help="relative eigenvalue levels")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.set_defaults(func=_spectrum)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    return int(args.func(args))
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``onlinela`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on a bad argument or unreadable data,
+        1 when a ``train`` run diverged.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse has printed its message
+        return int(exc.code or 0)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", force=True)
+    try:
+        return int(args.func(args))
+    except (CLIError, DataError) as exc:
+        sys.stderr.write(f"onlinela {args.command}: error: {exc}\n")
+        return 2

@@ -1,0 +1,723 @@
+"""Tasks, the optimizer registry, the training loop and checkpoints of the ``onlinela`` command.
+
+The registry holds two baselines (SGD with momentum, Adam) and, when they can
+be imported, every method of :class:`onlinela_torch.KFACPreconditioner` and the
+KLD-WRM variants of :class:`onlinela_torch.KLDWRM`; nothing here implements a
+curvature method.  Every optimizer is driven the same way::
+
+    loss.backward(); stepper.step(closure); stepper.zero_grad()
+
+where :class:`Stepper` calls the preconditioner (or KLD-WRM) ``step`` before
+the torch optimizer's, as their contracts require.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import pathlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import models
+from .data import Dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BASELINES",
+    "EAFactorRecorder",
+    "KFAC_METHODS",
+    "KLDWRM_VARIANTS",
+    "TASKS",
+    "OptimizerSpec",
+    "OptionError",
+    "RunResult",
+    "Stepper",
+    "Task",
+    "available_optimizers",
+    "build_stepper",
+    "load_checkpoint",
+    "phase_seconds",
+    "reached",
+    "save_checkpoint",
+    "select_lr",
+    "train",
+]
+
+#: The K-FAC family as named in the architecture's API contract; a method is
+#: offered when ``onlinela_torch.KFACPreconditioner`` can be imported.
+KFAC_METHODS: tuple[str, ...] = ("kfac", "rs-kfac", "sre-kfac", "nystrom-kfac", "b-kfac", "br-kfac", "b-kfac-c")
+#: KLD-WRM variants; offered when ``onlinela_torch.KLDWRM`` can be imported.
+KLDWRM_VARIANTS: tuple[str, ...] = ("so", "q", "qe")
+#: Optimizers that are always available.
+BASELINES: tuple[str, ...] = ("sgd", "adam")
+_PHASES = ("statistics", "decomposition", "preconditioning")
+
+
+# --------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    """One benchmark: a data set, a model, a loss and a metric.
+
+    Attributes
+    ----------
+    name : str
+        Task name used on the command line.
+    dataset : str
+        Name passed to :func:`onlinela_torch.data.load_dataset`.
+    model : {"autoencoder", "mlp", "cnn", "vgg16", "vgg16-wide"}
+        Model family (see :mod:`onlinela_torch.models`).
+    batch_size : int
+        Default minibatch size.
+    epochs : int
+        Default epoch budget of ``compare``.
+    targets : tuple of float
+        Default metric targets for time-to-target.
+    kfac : Mapping
+        Default :class:`~onlinela_torch.KFACPreconditioner` keywords for this
+        task (only those the installed class accepts are passed).
+    needs_data_dir : bool
+        Whether the task needs ``--data-dir``.
+    width : float
+        Default width scale of the model (a CPU proxy when below 1).
+    description : str
+        One line for ``--help``.
+    """
+
+    name: str
+    dataset: str
+    model: str
+    batch_size: int
+    epochs: int
+    targets: tuple[float, ...]
+    kfac: Mapping[str, Any] = field(default_factory=dict)
+    needs_data_dir: bool = False
+    width: float = 1.0
+    description: str = ""
+
+    @property
+    def is_autoencoder(self) -> bool:
+        """Whether the task reconstructs its input (no labels used)."""
+        return self.model == "autoencoder"
+
+    @property
+    def metric_name(self) -> str:
+        """Name of the metric reported and compared against the targets."""
+        return "train_recon_error" if self.is_autoencoder else "test_accuracy"
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Direction of the metric."""
+        return not self.is_autoencoder
+
+    def build_model(self, data: Dataset, width: float | None = None) -> nn.Module:
+        """A freshly initialised model for ``data`` (seed torch first for reproducibility).
+
+        Parameters
+        ----------
+        data : Dataset
+            Fixes the input shape and number of classes.
+        width : float, optional
+            Width scale; defaults to :attr:`width`.  Not used by ``cnn``.
+        """
+        width = self.width if width is None else width
+        c, h, w = data.image_shape
+        if self.model == "autoencoder":
+            return models.MNISTAutoencoder(c * h * w, width=width)
+        if self.model == "mlp":
+            return models.MLPClassifier(c * h * w, data.num_classes, width=width)
+        if self.model == "cnn":
+            return models.SmallCNN(c, h, data.num_classes)
+        head = models.WIDE_HEAD_WIDTH if self.model == "vgg16-wide" else 512
+        return models.vgg16_bn(data.num_classes, in_channels=c, image_size=h, head_width=head, width=width)
+
+    def loss(self, output: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Minibatch loss: cross-entropy (classifiers) or, for the autoencoder,
+        Bernoulli cross-entropy summed over pixels and averaged over images."""
+        if self.is_autoencoder:
+            return F.binary_cross_entropy_with_logits(output, x.flatten(1), reduction="sum") / x.shape[0]
+        return F.cross_entropy(output, y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+        """The task's metric.
+
+        The autoencoder reports the training-set reconstruction error (squared
+        error summed over pixels, averaged over images: the optimisation
+        benchmark's measure); classifiers report test accuracy in percent.
+        """
+        was_training = model.training
+        model.eval()
+        x_all, y_all = (data.x_train, data.y_train) if self.is_autoencoder else (data.x_test, data.y_test)
+        total = 0.0
+        for start in range(0, x_all.shape[0], batch_size):
+            x, y = x_all[start : start + batch_size], y_all[start : start + batch_size]
+            out = model(x)
+            if self.is_autoencoder:
+                total += float(((torch.sigmoid(out) - x.flatten(1)) ** 2).sum())
+            else:
+                total += float((out.argmax(1) == y).sum())
+        model.train(was_training)
+        return total / x_all.shape[0] * (1.0 if self.is_autoencoder else 100.0)
+
+
+# The MNIST settings follow the KLD-WRM paper where it gives one (damping 0.01,
+# KL-clip 0.1); statistics and inverse periods are shortened because the
+# bundled subset has only ~30 steps per epoch.
+_SMALL_KFAC = {"damping": 0.01, "kl_clip": 0.1, "factor_update_freq": 5, "inv_update_freq": 20}
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("mnist-autoencoder", "mnist", "autoencoder", 100, 8, (60.0, 45.0, 35.0), _SMALL_KFAC, width=0.25,
+             description="784-1000-500-250-30 autoencoder (width-scaled), MNIST"),
+        Task("mnist-mlp", "mnist", "mlp", 128, 8, (88.0, 92.0, 94.0), _SMALL_KFAC,
+             description="MLP classifier 784-512-256-10, MNIST"),
+        Task("mnist-cnn", "mnist", "cnn", 128, 10, (85.0, 90.0, 93.0), _SMALL_KFAC,
+             description="the KLD-WRM paper's small CNN, MNIST"),
+        Task("digits-autoencoder", "digits", "autoencoder", 64, 10, (8.0, 6.0, 4.0), _SMALL_KFAC, width=0.25,
+             description="autoencoder on scikit-learn's 8x8 digits"),
+        Task("digits-mlp", "digits", "mlp", 64, 10, (90.0, 94.0, 96.0), _SMALL_KFAC, width=0.25,
+             description="MLP classifier on scikit-learn's 8x8 digits"),
+        Task("digits-cnn", "digits", "cnn", 64, 10, (80.0, 90.0, 94.0), _SMALL_KFAC,
+             description="the small CNN on 8x8 digits (padded convolutions)"),
+        Task("cifar10-vgg16", "cifar10", "vgg16", 256, 10, (80.0, 85.0, 90.0),
+             {"damping": 0.03, "factor_update_freq": 10, "inv_update_freq": 50}, needs_data_dir=True,
+             description="VGG16_bn with the 512-512-10 head, CIFAR-10 (--data-dir)"),
+        Task("cifar10-vgg16-wide", "cifar10", "vgg16-wide", 256, 10, (80.0, 85.0, 90.0),
+             {"damping": 0.03, "factor_update_freq": 10, "inv_update_freq": 50}, needs_data_dir=True,
+             description="VGG16_bn with the wide first FC layer, CIFAR-10 (--data-dir)"),
+    )
+}
+
+
+# ------------------------------------------------------------------ optimizers
+class OptionError(ValueError):
+    """A preconditioner keyword that the installed class does not accept."""
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registry entry.
+
+    Attributes
+    ----------
+    name : str
+        Name used on the command line.
+    family : {"baseline", "kfac", "kldwrm"}
+        How it is built.
+    lr : float
+        Default learning rate (used without ``--lr-grid``).
+    variant : str
+        K-FAC method or KLD-WRM variant; empty for baselines.
+    """
+
+    name: str
+    family: str
+    lr: float
+    variant: str = ""
+
+
+def _onlinela_torch_attr(name: str) -> Any:
+    """``onlinela_torch.<name>`` if it can be imported, else None (feature detection)."""
+    import onlinela_torch
+
+    try:
+        return getattr(onlinela_torch, name)
+    except AttributeError:
+        return None
+
+
+def available_optimizers() -> dict[str, OptimizerSpec]:
+    """Every optimizer this installation can run, keyed by name.
+
+    Returns
+    -------
+    dict of str to OptimizerSpec
+        ``sgd`` and ``adam`` always; the K-FAC methods (``kfac``, ``rs-kfac``,
+        ...) when ``onlinela_torch.KFACPreconditioner`` exists; ``kld-wrm-so``,
+        ``kld-wrm-q``, ``kld-wrm-qe`` when ``onlinela_torch.KLDWRM`` exists.
+    """
+    specs = [OptimizerSpec("sgd", "baseline", 0.03), OptimizerSpec("adam", "baseline", 1e-3)]
+    precond = _onlinela_torch_attr("KFACPreconditioner")
+    if precond is not None:
+        methods = tuple(getattr(precond, "METHODS", KFAC_METHODS))
+        specs += [OptimizerSpec(m, "kfac", 0.03, m) for m in methods]
+    if _onlinela_torch_attr("KLDWRM") is not None:
+        specs += [OptimizerSpec(f"kld-wrm-{v}", "kldwrm", 0.03, v) for v in KLDWRM_VARIANTS]
+    return {s.name: s for s in specs}
+
+
+def _accepted_kwargs(cls: Callable[..., Any], options: Mapping[str, Any], *, strict: bool) -> dict[str, Any]:
+    """The subset of ``options`` that ``cls`` accepts; unknown keys raise if ``strict``."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(options)
+    unknown = sorted(set(options) - set(params))
+    if unknown and strict:
+        accepted = sorted(k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)
+        raise OptionError(f"{cls.__name__} does not accept {unknown}; it accepts {accepted}")
+    return {k: v for k, v in options.items() if k in params}
+
+
+class Stepper:
+    """A torch optimizer plus, optionally, the curvature object that edits gradients first.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Applies the (preconditioned) gradient.
+    curvature : object, optional
+        A :class:`~onlinela_torch.KFACPreconditioner` or
+        :class:`~onlinela_torch.KLDWRM`: its ``step`` runs after
+        ``loss.backward()`` and before ``optimizer.step()``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, curvature: Any = None) -> None:
+        self.optimizer = optimizer
+        self.curvature = curvature
+        self._takes_closure = curvature is not None and "closure" in inspect.signature(curvature.step).parameters
+
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
+        """Precondition (if any), then update the parameters.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Returns the model's outputs on the current batch (KLD-WRM's QE
+            variant needs it); ignored otherwise.
+        """
+        if self.curvature is not None:
+            if self._takes_closure:
+                self.curvature.step(closure=closure)
+            else:
+                self.curvature.step()
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        """Clear the gradients."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer and curvature state, for checkpoints."""
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.curvature is not None:
+            state["curvature"] = self.curvature.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.curvature is not None:
+            self.curvature.load_state_dict(state["curvature"])
+
+    def stats(self) -> Any:
+        """The curvature object's ``stats()`` (or its preconditioner's); None for baselines."""
+        for obj in (self.curvature, getattr(self.curvature, "preconditioner", None)):
+            if obj is not None and callable(getattr(obj, "stats", None)):
+                return obj.stats()
+        return None
+
+
+def build_stepper(
+    name: str,
+    model: nn.Module,
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    kfac_options: Mapping[str, Any] | None = None,
+    task: Task | None = None,
+) -> Stepper:
+    """Build a registered optimizer for ``model``.
+
+    SGD, the K-FAC methods and KLD-WRM share :class:`torch.optim.SGD` with the
+    same ``momentum`` and ``weight_decay`` (added by SGD after
+    preconditioning, as in the papers); Adam uses its defaults.
+
+    Parameters
+    ----------
+    name : str
+        A key of :func:`available_optimizers`.
+    model : torch.nn.Module
+        The model to train.
+    lr : float
+        Learning rate (also given to the preconditioner, whose KL-clip uses it).
+    momentum, weight_decay : float
+        SGD settings.
+    kfac_options : Mapping, optional
+        Extra preconditioner keywords (``damping``, ``rank``, ...); an
+        unknown key raises.
+    task : Task, optional
+        Supplies default preconditioner keywords (:attr:`Task.kfac`).
+
+    Returns
+    -------
+    Stepper
+
+    Raises
+    ------
+    KeyError
+        If ``name`` is not available.
+    OptionError
+        If ``kfac_options`` has a key the preconditioner does not accept.
+    """
+    specs = available_optimizers()
+    if name not in specs:
+        raise KeyError(f"unknown optimizer {name!r}; available: {', '.join(specs)}")
+    spec = specs[name]
+    params = model.parameters()
+    if spec.name == "adam":
+        return Stepper(torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
+    sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if spec.family == "baseline":
+        return Stepper(sgd)
+    cls = _onlinela_torch_attr("KFACPreconditioner")
+    options = {**_accepted_kwargs(cls, dict(task.kfac) if task else {}, strict=False), "lr": lr}
+    options.update(_accepted_kwargs(cls, dict(kfac_options or {}), strict=True))
+    if spec.family == "kfac":
+        return Stepper(sgd, cls(model, method=spec.variant, **options))
+    kld = _onlinela_torch_attr("KLDWRM")
+    options.pop("method", None)
+    return Stepper(sgd, kld(model, sgd, variant=spec.variant, **_accepted_kwargs(kld, options, strict=False)))
+
+
+def phase_seconds(stats: Any) -> dict[str, float]:
+    """Total seconds per phase (statistics, decomposition, preconditioning) in a ``stats()`` result.
+
+    Sums every numeric leaf whose key path names a phase (``"statistics"``,
+    ``"decomposition"``, ``"preconditioning"``, or a key starting with one of
+    them such as ``"statistics_s"``) together with seconds or time
+    (``"seconds"``, ``"time"``, a ``_s`` suffix, or a ``seconds`` parent),
+    across layers.
+
+    Parameters
+    ----------
+    stats : object
+        What a preconditioner's ``stats()`` returned (nested mappings).
+
+    Returns
+    -------
+    dict of str to float
+        Keys ``statistics``, ``decomposition``, ``preconditioning``.
+    """
+    totals = dict.fromkeys(_PHASES, 0.0)
+
+    def timed(path: Sequence[str]) -> bool:
+        return any("second" in p or "time" in p or p.endswith("_s") for p in path)
+
+    def walk(obj: Any, path: tuple[str, ...]) -> None:
+        if isinstance(obj, Mapping):
+            for key, value in obj.items():
+                walk(value, (*path, str(key).lower()))
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and timed(path):
+            for phase in _PHASES:
+                if any(p.startswith(phase) for p in path):
+                    totals[phase] += float(obj)
+
+    walk(stats, ())
+    return totals
+
+
+# ------------------------------------------------------------------- training
+@dataclass
+class RunResult:
+    """History of one training run.
+
+    Attributes
+    ----------
+    history : list of dict
+        One record per evaluation (epoch 0 is the initial model): ``epoch``,
+        ``seconds`` (cumulative training wall-clock, evaluation excluded),
+        ``train_loss`` (mean over the epoch's batches; NaN at epoch 0) and
+        ``metric``.
+    diverged : bool
+        The loss became non-finite; training stopped.
+    phase_seconds : dict of str to float
+        Per-phase preconditioner seconds (zeros for baselines).
+    """
+
+    history: list[dict[str, float]]
+    diverged: bool = False
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PHASES, 0.0))
+
+    @property
+    def final_metric(self) -> float:
+        """Metric after the last epoch (NaN if diverged)."""
+        return math.nan if self.diverged else self.history[-1]["metric"]
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Mean training seconds per completed epoch."""
+        last = self.history[-1]
+        return last["seconds"] / last["epoch"] if last["epoch"] else math.nan
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's minibatch order; a function of (seed, epoch) only, so resuming repeats it."""
+    gen = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def train(
+    task: Task,
+    data: Dataset,
+    model: nn.Module,
+    stepper: Stepper,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    max_steps: int | None = None,
+    history: list[dict[str, float]] | None = None,
+    on_epoch: Callable[[int, list[dict[str, float]]], None] | None = None,
+    progress: Any = None,
+) -> RunResult:
+    """Train ``model`` until epoch ``epochs`` (continuing ``history`` when resuming).
+
+    Parameters
+    ----------
+    task : Task
+        Loss and metric.
+    data : Dataset
+        Already on the model's device.
+    model : torch.nn.Module
+        The model.
+    stepper : Stepper
+        The optimizer.
+    epochs : int
+        Last epoch to reach (total, not additional).
+    batch_size : int
+        Minibatch size (the last, smaller batch of an epoch is dropped).
+    seed : int
+        Seed of the per-epoch shuffles.
+    max_steps : int, optional
+        Stop after this many steps (a probe run); the partial epoch is
+        evaluated and recorded.
+    history : list of dict, optional
+        Records of a resumed run; its last ``epoch`` is where training restarts.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, history)`` after each epoch (checkpointing).
+    progress : tqdm-like, optional
+        Updated once per epoch, with the metric as postfix.
+
+    Returns
+    -------
+    RunResult
+    """
+    history = list(history) if history else [_record(task, model, data, 0, 0.0, math.nan)]
+    start_epoch, elapsed = int(history[-1]["epoch"]), history[-1]["seconds"]
+    n = data.x_train.shape[0]
+    steps_per_epoch = max(1, n // batch_size)
+    steps = 0
+    diverged = False
+    model.train()
+    for epoch in range(start_epoch + 1, epochs + 1):
+        order = _epoch_order(n, seed, epoch).to(data.x_train.device)
+        losses = []
+        t0 = time.perf_counter()
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            x, y = data.x_train[idx], data.y_train[idx]
+            loss = task.loss(model(x), x, y)
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            loss.backward()
+            stepper.step(lambda x=x: model(x))
+            stepper.zero_grad()
+            losses.append(loss.detach())
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                break
+        mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
+        elapsed += time.perf_counter() - t0
+        if diverged:
+            logger.warning("loss became non-finite in epoch %d; stopping this run", epoch)
+            break
+        history.append(_record(task, model, data, epoch, elapsed, mean_loss))
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix({task.metric_name: f"{history[-1]['metric']:.3g}"})
+        if on_epoch is not None:
+            on_epoch(epoch, history)
+        if max_steps is not None and steps >= max_steps:
+            break
+    stats = stepper.stats()
+    return RunResult(history, diverged, phase_seconds(stats) if stats is not None else dict.fromkeys(_PHASES, 0.0))
+
+
+def _record(task: Task, model: nn.Module, data: Dataset, epoch: int, seconds: float, loss: float) -> dict[str, float]:
+    metric = task.evaluate(model, data)
+    logger.debug("epoch %d: %.2f s, loss %.4g, %s %.4g", epoch, seconds, loss, task.metric_name, metric)
+    return {"epoch": epoch, "seconds": seconds, "train_loss": loss, "metric": metric}
+
+
+def reached(task: Task, history: Sequence[Mapping[str, float]], target: float) -> tuple[float, int] | None:
+    """``(seconds, epoch)`` of the first record meeting ``target``, or None."""
+    for rec in history:
+        m = rec["metric"]
+        if math.isfinite(m) and (m >= target if task.higher_is_better else m <= target):
+            return rec["seconds"], int(rec["epoch"])
+    return None
+
+
+def select_lr(
+    task: Task,
+    grid: Sequence[float],
+    probe: Callable[[float], RunResult],
+) -> tuple[float, dict[float, float]]:
+    """Pick the learning rate whose probe run ends with the best metric.
+
+    Parameters
+    ----------
+    task : Task
+        Gives the metric's direction.
+    grid : sequence of float
+        Candidate learning rates (the same grid for every optimizer).
+    probe : callable
+        ``probe(lr)`` runs the short probe and returns its result.
+
+    Returns
+    -------
+    lr : float
+        The best candidate; the smallest if every probe diverged.
+    scores : dict of float to float
+        Final probe metric per candidate (NaN when diverged).
+    """
+    scores = {lr: probe(lr).final_metric for lr in grid}
+    finite = {lr: s for lr, s in scores.items() if math.isfinite(s)}
+    if not finite:
+        logger.warning("every learning rate of the grid diverged in the probe; using the smallest")
+        return min(grid), scores
+    pick = max if task.higher_is_better else min
+    return pick(finite, key=finite.__getitem__), scores
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    stepper: Stepper,
+    history: list[dict[str, float]],
+    config: Mapping[str, Any],
+) -> None:
+    """Write a checkpoint atomically (a temporary file, then a rename).
+
+    Holds the model, the optimizer and the preconditioner's ``state_dict``,
+    torch's CPU (and CUDA) RNG states, the history (its last record is the
+    epoch reached) and ``config`` (the run's settings, checked on resume).
+    """
+    path = pathlib.Path(path)
+    state = {
+        "model": model.state_dict(),
+        "stepper": stepper.state_dict(),
+        "rng": {"torch": torch.get_rng_state()},
+        "history": history,
+        "epoch": int(history[-1]["epoch"]),
+        "config": dict(config),
+    }
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    logger.debug("checkpoint: epoch %d -> %s", state["epoch"], path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, stepper: Stepper) -> dict[str, Any]:
+    """Restore a checkpoint into ``model`` and ``stepper`` and the RNG states.
+
+    Returns
+    -------
+    dict
+        The checkpoint (``history``, ``epoch``, ``config``, ...).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    stepper.load_state_dict(state["stepper"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+# ------------------------------------------------------------------ spectrum
+class EAFactorRecorder:
+    """Dense exponential averages of one Linear layer's K-factors, from hooks.
+
+    Independent of any preconditioner: a forward hook sees the layer input
+    ``a`` (n × d_in), a backward hook the gradient of the batch-mean loss with
+    respect to the layer output (n × d_out, i.e. per-sample gradients divided
+    by n).  Every training step adds the increments (§1 of the design notes)
+
+    ``C_A = ābᵀ āb / n`` with ``ā = [a, 1]`` and ``C_G = n · goᵀ go``,
+
+    each of rank ≤ n, as ``M ← ρ M + (1-ρ) C`` starting from ``M = 0``, and
+    keeps the largest increment norm ``K = max ‖C‖₂`` (computed from the thin
+    factor: ``‖XᵀX / n‖₂ = σ_max(X)² / n``).  Those are the quantities of the
+    EA decay bound ``λ_{m·s+1}(M) ≤ ρ^m K`` with ``s = n``.
+
+    Parameters
+    ----------
+    layer : torch.nn.Linear
+        The layer whose factors are recorded.
+    decay : float, default 0.95
+        EA decay ρ.
+    """
+
+    def __init__(self, layer: nn.Linear, decay: float = 0.95) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"`decay` must satisfy 0 < decay < 1, got {decay}")
+        self.decay = decay
+        self.factors: dict[str, torch.Tensor | None] = {"A": None, "G": None}
+        self.increment_norm = {"A": 0.0, "G": 0.0}
+        self.increment_rank = 0
+        self.steps = {"A": 0, "G": 0}
+        self._handles = [
+            layer.register_forward_hook(self._forward),
+            layer.register_full_backward_hook(self._backward),
+        ]
+
+    def _update(self, key: str, rows: torch.Tensor, scale: float) -> None:
+        rows = rows.detach().double()
+        inc = scale * rows.T @ rows
+        norm = scale * float(torch.linalg.matrix_norm(rows, ord=2)) ** 2
+        old = self.factors[key]
+        self.factors[key] = (1 - self.decay) * inc if old is None else self.decay * old + (1 - self.decay) * inc
+        self.increment_norm[key] = max(self.increment_norm[key], norm)
+        self.increment_rank = max(self.increment_rank, rows.shape[0])
+        self.steps[key] += 1
+
+    def _forward(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if not module.training:
+            return
+        a = inputs[0].reshape(-1, inputs[0].shape[-1])
+        ones = torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)
+        self._update("A", torch.cat([a, ones], dim=1), 1.0 / a.shape[0])
+
+    def _backward(self, module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
+        g = grad_output[0].reshape(-1, grad_output[0].shape[-1])
+        self._update("G", g, float(g.shape[0]))
+
+    def eigenvalues(self, key: str) -> torch.Tensor:
+        """Eigenvalues of factor ``key`` (``"A"`` or ``"G"``), descending, clipped at 0 (float64)."""
+        factor = self.factors[key]
+        if factor is None:
+            raise RuntimeError("no statistics recorded yet: train the model first")
+        return torch.linalg.eigvalsh(factor).flip(0).clamp_min(0.0).cpu()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
