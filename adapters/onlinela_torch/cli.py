@@ -572,6 +572,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(level: int) -> None:
+    """Log lines of both packages to the current stderr, replacing the handler of an earlier ``main`` call."""
+    for name in ("onlinela", "onlinela_torch"):
+        log = logging.getLogger(name)
+        for handler in [h for h in log.handlers if getattr(h, "_onlinela_cli", False)]:
+            log.removeHandler(handler)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._onlinela_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``onlinela`` command.
 
@@ -591,8 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", force=True)
+    _configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     try:
         return int(args.func(args))
     except (CLIError, DataError) as exc:

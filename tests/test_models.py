@@ -1,0 +1,80 @@
+"""onlinela_torch.models: the papers' architectures, their sizes and shapes."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from torch import nn  # noqa: E402
+
+from onlinela_torch import models  # noqa: E402
+
+
+def linear_sizes(module):
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def test_autoencoder_is_the_classic_784_1000_500_250_30():
+    model = models.MNISTAutoencoder()
+    assert linear_sizes(model) == [
+        (784, 1000), (1000, 500), (500, 250), (250, 30),
+        (30, 250), (250, 500), (500, 1000), (1000, 784),
+    ]
+    # the code layer is linear: the encoder ends with a Linear, the decoder starts with one
+    assert isinstance(model.encoder[-1], nn.Linear) and isinstance(model.decoder[0], nn.Linear)
+    assert sum(isinstance(m, nn.Sigmoid) for m in model.modules()) == 6
+    out = model(torch.rand(3, 1, 28, 28))
+    assert out.shape == (3, 784)
+
+
+def test_autoencoder_width_scales_hidden_layers_only():
+    model = models.MNISTAutoencoder(64, width=0.25, activation="relu")
+    assert model.sizes == (64, 250, 125, 62, 30)
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 64)
+
+
+def test_small_cnn_matches_the_kldwrm_paper():
+    model = models.SmallCNN()
+    assert model.flat_features == 7 * 4 * 4 == 112
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 5, (5, 5)), (5, 7, (5, 5))]
+    assert linear_sizes(model) == [(112, 30), (30, 10)]
+    assert any(isinstance(m, nn.Dropout) and m.p == 0.5 for m in model.modules())
+    assert models.count_parameters(model) == 130 + 882 + 3390 + 310
+    assert model(torch.rand(4, 1, 28, 28)).shape == (4, 10)
+
+
+def test_small_cnn_on_8x8_digits_uses_same_padding():
+    model = models.SmallCNN(image_size=8)
+    assert model.padding == 2 and model.flat_features == 7 * 2 * 2
+    assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ValueError, match="image_size"):
+        models.SmallCNN(image_size=2)
+
+
+def test_mlp_classifier():
+    model = models.MLPClassifier(64, 10, width=0.5)
+    assert linear_sizes(model) == [(64, 256), (256, 128), (128, 10)]
+    assert model(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+    with pytest.raises(ValueError, match="width"):
+        models.MLPClassifier(64, width=0.0)
+    with pytest.raises(ValueError, match="activation"):
+        models.MLPClassifier(64, activation="gelu")
+
+
+def test_vgg16_bn_construct_only():
+    model = models.vgg16_bn()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 13 and sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 13
+    assert [c.out_channels for c in convs] == [c for c in models.VGG16_CONFIG if c != "M"]
+    assert linear_sizes(model.classifier) == [(512, 512), (512, 512), (512, 10)]
+    wide = models.vgg16_bn(head_width=models.WIDE_HEAD_WIDTH)
+    assert linear_sizes(wide.classifier) == [(512, 16384), (16384, 512), (512, 10)]
+    with pytest.raises(ValueError, match="divisible by 32"):
+        models.vgg16_bn(image_size=28)
+
+
+def test_vgg16_bn_narrow_proxy_forward():
+    model = models.vgg16_bn(width=1 / 16)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
