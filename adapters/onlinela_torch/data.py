@@ -281,17 +281,17 @@ def load_mnist_idx(data_dir: str | pathlib.Path) -> Dataset:
     """
     root = _existing_dir(data_dir)
     folders = [root, root / "MNIST" / "raw", root / "mnist"]
-    arrays = {}
-    for key, stem in _MNIST_FILES.items():
-        found = next(
-            (folder / name for folder in folders for name in (stem, stem + ".gz") if (folder / name).is_file()), None
+    found = {
+        key: next((f / name for f in folders for name in (stem, stem + ".gz") if (f / name).is_file()), None)
+        for key, stem in _MNIST_FILES.items()
+    }
+    missing = [_MNIST_FILES[key] for key, path in found.items() if path is None]
+    if missing:
+        raise DataError(
+            f"expected the MNIST IDX files {missing} (raw or with a .gz suffix) in {root} "
+            f"(or its MNIST/raw or mnist subfolder)"
         )
-        if found is None:
-            raise DataError(
-                f"expected the MNIST IDX file {stem!r} or {stem + '.gz'!r} in {root} "
-                f"(or its MNIST/raw or mnist subfolder)"
-            )
-        arrays[key] = (found, read_idx(found))
+    arrays = {key: (path, read_idx(path)) for key, path in found.items()}
     parts = []
     for split in ("train", "test"):
         (img_file, images), (lbl_file, labels) = arrays[f"{split}_images"], arrays[f"{split}_labels"]

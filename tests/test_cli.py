@@ -1,0 +1,200 @@
+"""The ``onlinela`` command, run in-process through ``main([...])`` on tiny budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from onlinela_torch import experiment as ex  # noqa: E402
+from onlinela_torch.cli import main  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--task", "digits-mlp", "--max-train", "256", "--batch-size", "32"]
+
+
+def run(args, capsys):
+    code = main(["-q", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------- compare
+def test_compare_writes_table_json_and_png(tmp_path, capsys):
+    code, out, _ = run(["compare", *TINY, "--epochs", "2", "--optimizers", "sgd,adam", "--seeds", "0,1",
+                        "--lr-grid", "0.1,0.01", "--probe-epochs", "0.5", "--targets", "20,99.9",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "sgd" in out and "adam" in out and "never" in out  # 99.9% is out of reach
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    assert payload["task"] == "digits-mlp" and payload["config"]["seeds"] == [0, 1]
+    assert set(payload["results"]) == {"sgd", "adam"}
+    for res in payload["results"].values():
+        assert res["lr"] in (0.1, 0.01) and set(res["probe"]) == {"0.1", "0.01"}
+        assert len(res["runs"]) == 2
+        for r in res["runs"]:
+            assert [h["epoch"] for h in r["history"]] == [0, 1, 2]
+            seconds = [h["seconds"] for h in r["history"]]
+            assert seconds == sorted(seconds) and seconds[0] == 0
+            assert r["time_to_target"]["99.9"] is None and r["epochs_to_target"]["20.0"] is not None
+    assert (tmp_path / "compare.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_same_seed_same_initial_model(tmp_path, capsys):
+    code, _, _ = run(["compare", *TINY, "--epochs", "1", "--optimizers", "sgd,adam", "--lr", "0.01",
+                      "--out", str(tmp_path)], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "compare.json").read_text())["results"]
+    start = {name: r["runs"][0]["history"][0]["metric"] for name, r in res.items()}
+    assert start["sgd"] == start["adam"]  # same seed, same initial weights
+    assert res["sgd"]["probe"] == {}  # one learning rate: no probe
+
+
+def test_demo_runs_compare_with_its_defaults(tmp_path, capsys):
+    code, out, _ = run(["demo", *TINY, "--epochs", "1", "--optimizers", "sgd", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "sgd" in out
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    assert payload["config"]["lr_grid"] == [0.1, 0.01, 0.001]
+
+
+def test_every_available_curvature_optimizer_runs(tmp_path, capsys):
+    names = [n for n, s in ex.available_optimizers().items() if s.family != "baseline"]
+    if not names:
+        pytest.skip("the K-FAC family is not importable in this installation")
+    code, out, _ = run(["compare", *TINY, "--epochs", "1", "--optimizers", ",".join(names), "--lr", "0.01",
+                        "--kfac-opt", "factor_update_freq=2", "--kfac-opt", "inv_update_freq=4",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 0
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    assert payload["failed"] == {}, payload["failed"]
+    for name in names:
+        assert math.isfinite(payload["results"][name]["final_metric_mean"]), name
+
+
+# --------------------------------------------------------------------- train
+def final_params(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_train_checkpoint_resume_matches_an_uninterrupted_run(tmp_path, capsys):
+    args = ["train", "--task", "digits-cnn", "--max-train", "128", "--batch-size", "32", "--optimizer", "sgd",
+            "--lr", "0.05", "--seed", "3"]
+    straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
+    assert run([*args, "--epochs", "2", "--checkpoint", str(straight), "--out", str(tmp_path / "a")], capsys)[0] == 0
+    assert run([*args, "--epochs", "1", "--checkpoint", str(split), "--out", str(tmp_path / "b")], capsys)[0] == 0
+    code, out, _ = run([*args, "--epochs", "2", "--checkpoint", str(split), "--resume",
+                        "--out", str(tmp_path / "b")], capsys)
+    assert code == 0 and "epoch 2" in out
+    a, b = final_params(straight), final_params(split)
+    assert a.keys() == b.keys()
+    for key in a:  # dropout masks and minibatch order are replayed exactly
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    history = json.loads((tmp_path / "b" / "train.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+def test_train_resume_errors(tmp_path, capsys):
+    code, _, err = run(["train", *TINY, "--resume"], capsys)
+    assert code == 2 and "--resume needs --checkpoint" in err
+    code, _, err = run(["train", *TINY, "--resume", "--checkpoint", str(tmp_path / "none.pt")], capsys)
+    assert code == 2 and "no checkpoint" in err
+    ckpt = tmp_path / "c.pt"
+    assert run(["train", *TINY, "--epochs", "1", "--checkpoint", str(ckpt), "--out", str(tmp_path)], capsys)[0] == 0
+    code, _, err = run(["train", *TINY, "--epochs", "2", "--lr", "0.5", "--checkpoint", str(ckpt), "--resume",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 2 and "different settings" in err and "lr" in err
+
+
+# ------------------------------------------------------------------ spectrum
+def test_spectrum_records_factors_and_respects_the_bound(tmp_path, capsys):
+    code, out, _ = run(["spectrum", "--task", "digits-autoencoder", "--max-train", "256", "--batch-size", "16",
+                        "--widths", "0.25,0.5", "--epochs", "1", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "width" in out
+    payload = json.loads((tmp_path / "spectrum.json").read_text())
+    assert [(s["width"], s["factor"]) for s in payload["spectra"]] == [(0.25, "A"), (0.25, "G"), (0.5, "A"), (0.5, "G")]
+    dims = {(s["width"], s["factor"]): s["dim"] for s in payload["spectra"]}
+    assert dims == {(0.25, "A"): 251, (0.25, "G"): 125, (0.5, "A"): 501, (0.5, "G"): 250}
+    for s in payload["spectra"]:
+        eig = s["eigenvalues"]
+        assert eig == sorted(eig, reverse=True) and eig[-1] >= 0
+        assert s["increment_rank"] == 16 and s["steps"] == 256 // 16
+        assert eig[0] <= s["increment_norm"] * (1 + 1e-9)  # an EA of increments of norm <= K
+        if payload["bound_available"]:
+            assert all(e <= b * (1 + 1e-9) + 1e-12 for e, b in zip(eig, s["bound"]))
+    assert (tmp_path / "spectrum.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# --------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "--task", "imagenet"], "invalid choice: 'imagenet'"),
+        (["compare", "--epochs", "-3"], "expected a positive integer, got -3"),
+        (["compare", "--seeds", "a,b"], "expected a non-negative integer"),
+        (["compare", "--lr-grid", "0.1,-1"], "expected a positive number"),
+        (["compare", "--kfac-opt", "damping"], "expected KEY=VALUE"),
+        (["train", "--width", "0"], "expected a positive number"),
+    ],
+)
+def test_bad_arguments_fail_in_the_parser(args, message, capsys):
+    code, _, err = run(args, capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", *TINY, "--optimizers", "sgd,lbfgs"], "unknown optimizer(s) lbfgs"),
+        (["train", *TINY, "--optimizer", "nope"], "available: sgd, adam"),
+        (["compare", "--task", "mnist-mlp", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist does not exist"),
+        (["compare", "--task", "cifar10-vgg16"], "needs --data-dir"),
+        (["train", *TINY, "--device", "cuda:7" if not torch.cuda.is_available() else "bogus"], "--device"),
+    ],
+)
+def test_bad_arguments_give_a_clear_message(args, message, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2 and message in err and out == ""
+
+
+def test_unreadable_data_files_name_what_was_expected(tmp_path, capsys):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"junk")
+    code, _, err = run(["compare", "--task", "mnist-mlp", "--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and "train-labels-idx1-ubyte" in err
+
+
+def test_kfac_option_unknown_to_the_preconditioner(tmp_path, capsys):
+    if "kfac" not in ex.available_optimizers():
+        pytest.skip("the K-FAC family is not importable in this installation")
+    code, _, err = run(["train", *TINY, "--optimizer", "kfac", "--kfac-opt", "no_such_option=1",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 2 and "no_such_option" in err
+
+
+# -------------------------------------------------------------- the library
+def test_phase_seconds_sums_layers():
+    stats = {
+        "fc1": {"rank": 8, "seconds": {"statistics": 1.0, "decomposition": 2.0, "preconditioning": 0.5}},
+        "fc2": {"statistics_s": 0.25, "decomposition_time": 1.0, "rank": 4},
+    }
+    assert ex.phase_seconds(stats) == {"statistics": 1.25, "decomposition": 3.0, "preconditioning": 0.5}
+
+
+def test_registry_and_build_errors():
+    specs = ex.available_optimizers()
+    assert list(specs)[:2] == ["sgd", "adam"]
+    with pytest.raises(KeyError, match="unknown optimizer"):
+        ex.build_stepper("nope", torch.nn.Linear(2, 2), lr=0.1)
+
+
+def test_console_entry_point():
+    res = subprocess.run([sys.executable, "-m", "onlinela_torch", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0
+    for cmd in ("compare", "train", "spectrum", "demo"):
+        assert cmd in res.stdout
