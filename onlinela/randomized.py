@@ -1,0 +1,680 @@
+r"""Randomized low-rank approximation of matrices and of symmetric PSD matrices.
+
+Halko, Martinsson & Tropp (2011) range finder and SVD, and three eigensolvers
+for a symmetric positive semidefinite (PSD) ``A`` (RS-KFAC / SRE-KFAC, Puiu
+2022; Nyström, Tropp et al. 2017 and Frangella et al. 2021):
+
+``"subspace"``  symmetric randomized EVD: ``Q = orth(A^{q+1} Ω)`` by subspace
+                iteration, Rayleigh–Ritz ``eigh(QᵀAQ)``.
+``"nystrom"``   ``Q = orth(A^q Ω)``, ``Y = AQ``, the shifted Nyström
+                approximation ``Y (QᵀY)⁻¹ Yᵀ``: one product fewer than
+                ``"subspace"`` for the same range, and never larger than ``A``.
+``"svd"``       the randomized SVD of ``A`` (``(AAᵀ)^q AΩ``); the right singular
+                vectors and singular values are the eigenpairs (RS-KFAC).
+
+Conventions shared by every function here:
+
+* ``n_iter = q`` counts the power (subspace) iterations that *follow* the first
+  product ``AΩ``; between products the basis is re-orthonormalised
+  (CholeskyQR2, Householder fallback), so float32 does not underflow.
+* The sketch has ``k = min(rank + oversample, d)`` columns: asking for more
+  columns than the dimension clips the sketch to ``d`` (the basis is then
+  complete and the result exact up to rounding).
+* Results live in the input's namespace, device and dtype; the Gaussian test
+  matrix is drawn on the array's device from ``rng`` (``None``, an ``int``
+  seed or a ``numpy.random.Generator``) through
+  :func:`onlinela._backend.standard_normal`, so a seed reproduces the result on
+  a given backend.
+* Leading axes ``(..., d, d)`` are a stack of independent matrices sharing one
+  rank.
+* Public functions validate their arguments and delegate to private bodies
+  (``_randomized_eigh`` ...) that internal callers use without re-validating.
+
+See ``docs/math/randomized.rst`` for the error bounds and costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from . import _backend as B
+from . import _validation as V
+from .lowrank import LowRankPSD
+
+__all__ = [
+    "adaptive_randomized_eigh",
+    "estimate_spectral_error",
+    "randomized_eigh",
+    "randomized_range_finder",
+    "randomized_svd",
+]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("subspace", "nystrom", "svd")
+
+
+# =========================================================================== validation
+
+
+def _check_matrix(A: Any, *, psd: bool) -> tuple[ModuleType, int, int]:
+    """Namespace and shape checks; symmetric PSD inputs also get the O(d^2) symmetry check."""
+    if psd:
+        xp, d = V.check_psd_input(A, "A")
+        return xp, d, d
+    xp = B.get_namespace(A, names=("A",))
+    V.check_float_array(A, "A", xp)
+    return xp, int(A.shape[-2]), int(A.shape[-1])
+
+
+def _check_iter(n_iter: Any, name: str = "n_iter", low: int = 0) -> int:
+    return V.check_int(n_iter, name, low=low)
+
+
+def _check_method(method: Any) -> str:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def _check_rng(rng: Any) -> np.random.Generator:
+    return B.default_rng(rng)
+
+
+# =========================================================================== building blocks
+
+
+def _sketch(xp: ModuleType, A: Any, k: int, gen: np.random.Generator) -> Any:
+    """Gaussian test matrix Ω of shape (..., n, k) for ``A`` of shape (..., m, n), on A's device."""
+    shape = tuple(A.shape[:-2]) + (int(A.shape[-1]), k)
+    return B.standard_normal(xp, shape, dtype=A.dtype, device=B.device(A), rng=gen)
+
+
+def _orth(xp: ModuleType, Y: Any) -> Any:
+    return B.qr(xp, Y)
+
+
+def _range_finder(xp: ModuleType, A: Any, size: int, n_iter: int, gen: np.random.Generator) -> Any:
+    """HMT Algorithm 4.4: ``orth((AAᵀ)^q AΩ)`` with re-orthonormalisation; 2q+1 products."""
+    Q = _orth(xp, A @ _sketch(xp, A, size, gen))
+    At = B.mT(xp, A)
+    for _ in range(n_iter):
+        Q = _orth(xp, A @ _orth(xp, At @ Q))
+    return Q
+
+
+def _small_svd_of_tall(xp: ModuleType, M: Any) -> tuple[Any, Any, Any]:
+    """Thin SVD of a tall (..., n, k) matrix through its QR: ``M = Q R``, ``R = W S Zᵀ``.
+
+    All ``O(n k^2)`` work is BLAS-3 (CholeskyQR2); only the ``k × k`` SVD is LAPACK.
+    Returns ``(Q W, S, Zᵀ)``.
+    """
+    Q = _orth(xp, M)
+    R = B.mT(xp, Q) @ M  # exact even when the QR fell back (range(M) ⊆ range(Q))
+    W, S, Zh = B.svd_thin(xp, R)
+    return Q @ W, S, Zh
+
+
+def _randomized_svd(
+    xp: ModuleType, A: Any, rank: int, oversample: int, n_iter: int, gen: np.random.Generator
+) -> tuple[Any, Any, Any]:
+    """Unvalidated body of :func:`randomized_svd`."""
+    m, n = int(A.shape[-2]), int(A.shape[-1])
+    k = min(rank + oversample, m, n)
+    Q = _range_finder(xp, A, k, n_iter, gen)  # (..., m, k)
+    Bt = B.mT(xp, A) @ Q  # (..., n, k) = (QᵀA)ᵀ
+    Vk, S, Wh = _small_svd_of_tall(xp, Bt)  # Bt = Vk S Wh  =>  QᵀA = Whᵀ S Vkᵀ
+    U = Q @ B.mT(xp, Wh)
+    return U[..., :rank], S[..., :rank], B.mT(xp, Vk[..., :rank])
+
+
+def _subspace_basis(xp: ModuleType, A: Any, k: int, n_iter: int, gen: np.random.Generator) -> Any:
+    """``orth(A^{q+1} Ω)`` for symmetric ``A`` by subspace iteration (q+1 products)."""
+    Q = _orth(xp, A @ _sketch(xp, A, k, gen))
+    for _ in range(n_iter):
+        Q = _orth(xp, A @ Q)
+    return Q
+
+
+def _eigh_subspace(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: np.random.Generator) -> LowRankPSD:
+    Q = _subspace_basis(xp, A, k, n_iter, gen)
+    T = B.mT(xp, Q) @ (A @ Q)  # Rayleigh quotient, (..., k, k)
+    w, W = B.eigh(xp, T)  # descending, symmetrised, float64 retry
+    U = Q @ W[..., :rank]
+    return LowRankPSD._trusted(U, _clip0(xp, w[..., :rank]))
+
+
+def _clip0(xp: ModuleType, w: Any) -> Any:
+    return xp.where(w > 0, w, xp.zeros_like(w))
+
+
+def _eigh_svd(xp: ModuleType, A: Any, rank: int, oversample: int, n_iter: int, gen: np.random.Generator) -> LowRankPSD:
+    _, s, Vh = _randomized_svd(xp, A, rank, oversample, n_iter, gen)
+    return LowRankPSD._trusted(B.mT(xp, Vh), s)
+
+
+def _eigh_nystrom(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: np.random.Generator) -> LowRankPSD:
+    r"""Shifted Nyström approximation with test matrix ``Q = orth(A^q Ω)`` (q+1 products).
+
+    ``A⟨Q⟩ = Y (QᵀY)⁻¹ Yᵀ`` with ``Y = AQ``.  For stability it is formed for
+    ``A + νI`` (``ν = sqrt(d)·eps·||Y||_F``), whose core ``Qᵀ(A+νI)Q`` is
+    positive definite, and ``ν`` is subtracted from the eigenvalues.
+    """
+    d = int(A.shape[-1])
+    Om = _sketch(xp, A, k, gen)
+    # orth(Ω) is only needed when Ω itself is the test matrix; otherwise orth(AΩ) spans the same.
+    Q = _orth(xp, Om) if n_iter == 0 else _orth(xp, A @ Om)
+    for _ in range(n_iter - 1):
+        Q = _orth(xp, A @ Q)
+    Y = A @ Q
+    nu = math.sqrt(d) * B.eps(xp, A.dtype) * xp.linalg.vector_norm(Y, axis=(-2, -1))  # (...,)
+    nu = nu[..., None, None]
+    Ynu = Y + nu * Q
+    core = B.symmetrize(xp, B.mT(xp, Q) @ Ynu)  # Qᵀ(A + νI)Q, (..., k, k)
+    Bm = _right_solve_cholesky(xp, Ynu, core)  # Ynu C^{-T}, B Bᵀ = Ynu core⁻¹ Ynuᵀ
+    U, S, _ = _small_svd_of_tall(xp, Bm)
+    lam = S[..., :rank] ** 2 - nu[..., 0]
+    return LowRankPSD._trusted(U[..., :rank], _clip0(xp, lam))
+
+
+def _right_solve_cholesky(xp: ModuleType, Y: Any, core: Any) -> Any:
+    """``Y C^{-T}`` where ``core = C Cᵀ`` (lower Cholesky); eigen-based fallback when the core is not PD.
+
+    A core that is not numerically positive definite after the shift means the
+    input is indefinite (``ValueError``) or round-off beat the shift (then the
+    pseudo-inverse square root over the eigenvalues above the shift is used).
+    """
+    try:
+        C = xp.linalg.cholesky(core)
+        if bool(xp.all(xp.isfinite(C))):
+            return B._solve_upper_right(xp, Y, B.mT(xp, C))
+    except Exception as exc:  # LinAlgError (numpy), torch._C._LinAlgError, ...
+        logger.debug("Nyström core Cholesky failed (%s); using its eigendecomposition", exc)
+    w, Wv = B.eigh(xp, core)
+    top = w[..., :1]
+    k = int(core.shape[-1])
+    tol = 10.0 * k * B.eps(xp, core.dtype) * top
+    if bool(xp.any(w[..., -1:] < -1e3 * tol)):
+        raise ValueError(
+            "`A` must be positive semidefinite for method='nystrom': its sketch QᵀAQ has eigenvalue "
+            f"{float(xp.min(w)):.3g} (largest {float(xp.max(top)):.3g}); use method='subspace' for indefinite input"
+        )
+    keep = w > tol
+    inv_sqrt = xp.where(keep, 1.0 / xp.sqrt(xp.where(keep, w, xp.ones_like(w))), xp.zeros_like(w))
+    return (Y @ Wv) * inv_sqrt[..., None, :]
+
+
+def _randomized_eigh(
+    xp: ModuleType,
+    A: Any,
+    rank: int,
+    oversample: int,
+    n_iter: int,
+    method: str,
+    gen: np.random.Generator,
+) -> LowRankPSD:
+    """Unvalidated body of :func:`randomized_eigh` (internal callers: validated arguments only)."""
+    d = int(A.shape[-1])
+    k = min(rank + oversample, d)
+    if method == "subspace":
+        return _eigh_subspace(xp, A, rank, k, n_iter, gen)
+    if method == "nystrom":
+        return _eigh_nystrom(xp, A, rank, k, n_iter, gen)
+    return _eigh_svd(xp, A, rank, oversample, n_iter, gen)
+
+
+# --------------------------------------------------------------------------- error estimation
+
+
+def _residual_apply(A: Any, approx: LowRankPSD) -> Any:
+    return lambda X: A @ X - approx.matmul(X)
+
+
+def _block_krylov_norm(
+    xp: ModuleType,
+    apply: Any,
+    like: Any,
+    n_iter: int,
+    gen: np.random.Generator,
+    block: int = 4,
+) -> Any:
+    r"""Estimate ``||E||_2`` of a symmetric operator ``E`` (``apply(X) = E X``) for each matrix of a stack.
+
+    Block Lanczos with full re-orthogonalisation: the block Krylov basis
+    ``K = [X, EX, ..., E^{n-1}X]`` (``block`` random start vectors, ``n_iter``
+    applications of ``E``) and the Ritz values ``θ = eig(KᵀEK)``; the estimate
+    is ``max|θ|``, which never exceeds ``||E||_2`` beyond rounding (Ritz values
+    interlace the spectrum).  Returns an array of shape ``like.shape[:-2]``.
+    """
+    d = int(like.shape[-1])
+    batch = tuple(like.shape[:-2])
+    dtype, dev = like.dtype, B.device(like)
+    b = min(block, d)
+    eps = B.eps(xp, dtype)
+    X = _orth(xp, B.standard_normal(xp, batch + (d, b), dtype=dtype, device=dev, rng=gen))
+    basis, images = [X], []
+    for i in range(n_iter):
+        W = apply(X)
+        images.append(W)
+        ncols = b * len(basis)
+        if i == n_iter - 1 or ncols + b > d:
+            break
+        K = xp.concat(basis, axis=-1)
+        Y = W
+        for _ in range(2):  # "twice is enough" (Kahan–Parlett)
+            Y = Y - K @ (B.mT(xp, K) @ Y)
+        # an (almost) invariant subspace: continue with fresh random directions
+        ynorm = xp.linalg.vector_norm(Y, axis=(-2, -1))
+        wnorm = xp.linalg.vector_norm(W, axis=(-2, -1))
+        tiny = (ynorm <= 1e3 * eps * wnorm)[..., None, None]
+        if bool(xp.any(tiny)):
+            R = B.standard_normal(xp, batch + (d, b), dtype=dtype, device=dev, rng=gen)
+            Y = xp.where(tiny, R, Y)
+            for _ in range(2):
+                Y = Y - K @ (B.mT(xp, K) @ Y)
+        X = _orth(xp, Y)
+        X = X - K @ (B.mT(xp, K) @ X)  # the QR may reintroduce O(eps cond) components along K
+        X = _orth(xp, X)
+        basis.append(X)
+    K = xp.concat(basis[: len(images)], axis=-1)
+    T = B.symmetrize(xp, B.mT(xp, K) @ xp.concat(images, axis=-1))
+    theta = xp.linalg.eigvalsh(T)
+    return xp.max(xp.abs(theta), axis=-1)
+
+
+def _estimate_spectral_error(
+    xp: ModuleType, A: Any, approx: LowRankPSD, n_iter: int, gen: np.random.Generator, block: int = 4
+) -> Any:
+    """Per-matrix estimates of ``||A - approx||_2`` (array of shape ``A.shape[:-2]``)."""
+    return _block_krylov_norm(xp, _residual_apply(A, approx), A, n_iter, gen, block)
+
+
+# --------------------------------------------------------------------------- adaptive rank
+
+
+def _adaptive_randomized_eigh(
+    xp: ModuleType,
+    A: Any,
+    tol: float,
+    max_rank: int,
+    block_size: int,
+    n_iter: int,
+    gen: np.random.Generator,
+    est_iter: int = 10,
+) -> LowRankPSD:
+    """Unvalidated body of :func:`adaptive_randomized_eigh`."""
+    d = int(A.shape[-1])
+    batch = tuple(A.shape[:-2])
+    basis: list[Any] = []
+    images: list[Any] = []
+    k = 0
+    while True:
+        b = min(block_size, max_rank - k)
+        Y = A @ _sketch(xp, A, b, gen)
+        Kq = xp.concat(basis, axis=-1) if basis else None
+        for it in range(n_iter + 1):
+            if Kq is not None:
+                for _ in range(2):
+                    Y = Y - Kq @ (B.mT(xp, Kq) @ Y)
+            Z = _orth(xp, Y)
+            if Kq is not None:  # re-project: QR of a nearly-deflated block can leak along Kq
+                Z = _orth(xp, Z - Kq @ (B.mT(xp, Kq) @ Z))
+            if it < n_iter:
+                Y = A @ Z
+        basis.append(Z)
+        images.append(A @ Z)
+        k += b
+        Q = xp.concat(basis, axis=-1)
+        T = B.mT(xp, Q) @ xp.concat(images, axis=-1)
+        w, W = B.eigh(xp, T)
+        w = _clip0(xp, w)
+        approx = LowRankPSD._trusted(Q @ W, w)
+        if k >= d:  # complete basis: exact up to rounding
+            err = xp.zeros(batch, dtype=A.dtype, device=B.device(A))
+        else:
+            err = _estimate_spectral_error(xp, A, approx, est_iter, gen)
+        target = tol * w[..., 0]
+        met = bool(xp.all(err <= target))
+        logger.debug("adaptive_randomized_eigh: rank %d, max estimated error/||A|| %.3g", k, _max_ratio(xp, err, w))
+        if met or k >= max_rank:
+            break
+    if not met:
+        logger.warning(
+            "adaptive_randomized_eigh: max_rank=%d reached with estimated error %.3g * ||A|| > tol=%.3g",
+            max_rank,
+            _max_ratio(xp, err, w),
+            tol,
+        )
+        return approx
+    # Truncate: dropping Ritz pairs r+1.. adds exactly w_{r+1} to the error (triangle inequality),
+    # so keep the smallest r with err + w_{r+1} <= tol * w_1 for every matrix of the stack.
+    slack = target - err  # (...,)
+    drop_ok = w <= slack[..., None]  # (..., k): True where w_j could be dropped
+    # smallest r such that w_r.. all droppable: count of non-droppable (w descending => prefix)
+    r = int(xp.max(xp.sum(xp.astype(~drop_ok, xp.int64), axis=-1))) if k else 0
+    r = max(r, 1)
+    return approx.truncate(r) if r < k else approx
+
+
+def _max_ratio(xp: ModuleType, err: Any, w: Any) -> float:
+    top = w[..., 0]
+    ratio = err / xp.where(top > 0, top, xp.ones_like(top))
+    return float(xp.max(ratio))
+
+
+# =========================================================================== public API
+
+
+def randomized_range_finder(A: Any, size: int, *, n_iter: int = 2, rng: Any = None) -> Any:
+    r"""Orthonormal basis of an approximate range of ``A`` (Halko–Martinsson–Tropp, Alg. 4.4).
+
+    ``Q = orth((A Aᵀ)^q A Ω)`` with a Gaussian ``Ω`` of ``size`` columns and
+    re-orthonormalisation after every product, so that ``||A - Q QᵀA||_2`` is
+    close to ``σ_{size+1}(A)`` when the spectrum decays.
+
+    Parameters
+    ----------
+    A : array, shape (..., m, n)
+        Real float32 or float64 matrix (any array-API namespace), finite, non-empty;
+        need not be symmetric.  Leading axes are a stack.
+    size : int
+        Number of basis vectors, ``1 <= size <= min(m, n)``.  (Pass ``rank +
+        oversample`` for the usual oversampled basis.)
+    n_iter : int, default 2
+        Power iterations ``q >= 0`` after the first product ``AΩ``.
+    rng : None, int or numpy.random.Generator
+        Source of the Gaussian test matrix (drawn on ``A``'s device).
+
+    Returns
+    -------
+    Q : array, shape (..., m, size)
+        Orthonormal columns, in ``A``'s namespace, device and dtype.
+
+    Raises
+    ------
+    TypeError
+        ``A`` not a real floating array; ``size``/``n_iter`` not ints; bad ``rng``.
+    ValueError
+        ``A`` empty, non-finite or of fewer than 2 axes; ``size`` or ``n_iter`` out of range.
+
+    Notes
+    -----
+    Cost: ``2q + 1`` products ``(m × n)·(n × size)``, i.e. ``O(m n size (2q+1))``,
+    plus ``2q + 1`` CholeskyQR2 factorisations ``O((m+n) size^2)``.
+    The expected error with ``size = r + l`` (``l >= 2``) and ``q = 0`` is at most
+    ``(1 + sqrt(r/(l-1))) σ_{r+1} + e sqrt(r+l)/l · (Σ_{j>r} σ_j^2)^{1/2}``
+    (HMT Theorem 10.6); every power iteration sharpens it towards ``σ_{r+1}``.
+    """
+    xp, m, n = _check_matrix(A, psd=False)
+    size = V.check_int(size, "size", low=1, high=min(m, n), what="min(m, n) of `A`")
+    n_iter = _check_iter(n_iter)
+    gen = _check_rng(rng)
+    return _range_finder(xp, A, size, n_iter, gen)
+
+
+def randomized_svd(A: Any, rank: int, *, oversample: int = 10, n_iter: int = 2, rng: Any = None) -> tuple[Any, Any, Any]:
+    r"""Randomized truncated SVD ``A ≈ U diag(s) Vh`` (Halko–Martinsson–Tropp, Alg. 4.4 + 5.1).
+
+    Parameters
+    ----------
+    A : array, shape (..., m, n)
+        Real float32 or float64 matrix, finite, non-empty; leading axes are a stack.
+    rank : int
+        Number of singular triplets returned, ``1 <= rank <= min(m, n)``.
+    oversample : int, default 10
+        Extra sketch columns ``l >= 0``; the sketch has ``k = min(rank + l, m, n)``
+        columns (clipped to the dimension, where the result is exact up to rounding).
+    n_iter : int, default 2
+        Power iterations ``q >= 0`` (each applies ``Aᵀ`` then ``A``, with re-orthonormalisation).
+    rng : None, int or numpy.random.Generator
+        Source of the Gaussian test matrix.
+
+    Returns
+    -------
+    U : array, shape (..., m, rank)
+        Orthonormal left singular vectors.
+    s : array, shape (..., rank)
+        Singular values, descending, ``>= 0``.
+    Vh : array, shape (..., rank, n)
+        Orthonormal right singular vectors (rows).
+        All in ``A``'s namespace, device and dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`randomized_range_finder`; ``rank``/``oversample`` out of range.
+
+    Notes
+    -----
+    Cost: ``2q + 2`` products with ``k`` columns, ``O(m n k (q+1))``, plus
+    ``O((m+n) k^2 + k^3)`` for the QR factorisations and the ``k × k`` SVD (the
+    ``n × k`` matrix ``(QᵀA)ᵀ`` is factored by CholeskyQR2 first, so no LAPACK
+    call touches a long matrix).
+    """
+    xp, m, n = _check_matrix(A, psd=False)
+    rank = V.check_int(rank, "rank", low=1, high=min(m, n), what="min(m, n) of `A`")
+    oversample = _check_iter(oversample, "oversample")
+    n_iter = _check_iter(n_iter)
+    gen = _check_rng(rng)
+    return _randomized_svd(xp, A, rank, oversample, n_iter, gen)
+
+
+def randomized_eigh(
+    A: Any,
+    rank: int,
+    *,
+    oversample: int = 10,
+    n_iter: int = 2,
+    method: str = "subspace",
+    rng: Any = None,
+) -> LowRankPSD:
+    r"""Top-``rank`` eigenpairs of a symmetric PSD matrix by a randomized method.
+
+    Parameters
+    ----------
+    A : array, shape (..., d, d)
+        Symmetric positive semidefinite, real float32 or float64, finite,
+        non-empty (any array-API namespace).  Symmetry is checked
+        (``max|A - Aᵀ| <= 100 sqrt(d) eps · max|A|``); definiteness is assumed
+        (``"subspace"`` and ``"svd"`` clip negative Ritz values to 0;
+        ``"nystrom"`` raises ``ValueError`` when its sketch reveals a clearly
+        negative eigenvalue).  Leading axes are a stack sharing ``rank``.
+    rank : int
+        ``r``, the number of eigenpairs, ``1 <= r <= d``.
+    oversample : int, default 10
+        ``l >= 0``; the sketch has ``k = min(r + l, d)`` columns.
+    n_iter : int, default 2
+        ``q >= 0`` power (subspace) iterations after the first product ``AΩ``.
+        Fast-decaying EA spectra need few; slowly decaying ones more (the
+        RS-KFAC papers use ``q = 3–4`` with ``"subspace"``).
+    method : {"subspace", "nystrom", "svd"}, default "subspace"
+        ``"subspace"`` (SRE): ``Q = orth(A^{q+1}Ω)``, Rayleigh–Ritz
+        ``eigh(QᵀAQ)``; ``q + 2`` products.
+        ``"nystrom"``: ``Q = orth(A^q Ω)``, ``Y = AQ``, shifted Nyström
+        ``Y(QᵀY)⁻¹Yᵀ``; ``q + 1`` products, so at equal ``q`` it spans the same
+        range as ``"subspace"`` with one product fewer; eigenvalues are
+        ``max(σ² - ν, 0)`` with ``ν = sqrt(d)·eps·||AQ||_F``.
+        ``"svd"`` (RS): randomized SVD (:func:`randomized_svd`), right singular
+        vectors as eigenvectors; ``2q + 2`` products.
+    rng : None, int or numpy.random.Generator
+        Source of the Gaussian test matrix (drawn on ``A``'s device); a seed
+        reproduces the result on a backend.
+
+    Returns
+    -------
+    LowRankPSD
+        ``eigvecs`` (..., d, r) orthonormal, ``eigvals`` (..., r) descending and
+        ``>= 0``, complement 0; ``A``'s namespace, device and dtype (float32
+        stays float32: no promotion except the guarded float64 retry of a
+        failed small ``eigh``).
+
+    Raises
+    ------
+    TypeError
+        ``A`` not an array, integer/complex/low-precision dtype; ``rank``,
+        ``oversample``, ``n_iter`` not ints; ``rng`` not a seed or Generator.
+    ValueError
+        ``A`` not square, not symmetric, non-finite, empty; ``rank`` outside
+        ``[1, d]``; negative ``oversample``/``n_iter``; unknown ``method``.
+
+    Notes
+    -----
+    Cost ``O(d^2 (r+l)(q+1) + d (r+l)^2 + (r+l)^3)``: ``(q+2)``, ``(q+1)`` or
+    ``(2q+2)`` dense products ``(d × d)·(d × (r+l))`` for subspace, Nyström and
+    SVD, BLAS-3 CholeskyQR2 for every re-orthonormalisation, one ``(r+l)``-square
+    eigensolver, and an ``O(d^2)`` validation pass.  Memory ``O(d (r+l))`` beyond
+    ``A``.  The error satisfies ``||A - U diag(w) Uᵀ||_2 >= λ_{r+1}``
+    (Eckart–Young) and, in expectation, the Halko–Martinsson–Tropp bound (see
+    ``docs/math/randomized.rst``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from onlinela import randomized_eigh
+    >>> X = np.random.default_rng(0).standard_normal((100, 5))
+    >>> M = randomized_eigh(X @ X.T, 5, rng=0)
+    >>> M.eigvecs.shape, M.eigvals.shape
+    ((100, 5), (5,))
+    """
+    xp, d, _ = _check_matrix(A, psd=True)
+    rank = V.check_int(rank, "rank", low=1, high=d, what="the matrix dimension d")
+    oversample = _check_iter(oversample, "oversample")
+    n_iter = _check_iter(n_iter)
+    method = _check_method(method)
+    gen = _check_rng(rng)
+    return _randomized_eigh(xp, A, rank, oversample, n_iter, method, gen)
+
+
+def adaptive_randomized_eigh(
+    A: Any,
+    tol: float,
+    *,
+    max_rank: int | None = None,
+    rng: Any = None,
+    block_size: int = 32,
+    n_iter: int = 2,
+    est_iter: int = 10,
+) -> LowRankPSD:
+    r"""Randomized PSD eigendecomposition whose rank grows until ``||A - approx||_2 <= tol·||A||_2`` (estimated).
+
+    Blocked adaptive range finder: blocks of ``block_size`` Gaussian vectors,
+    each refined by ``n_iter`` power iterations orthogonal to the basis so far,
+    are appended to an orthonormal basis ``Q``; after each block the Rayleigh–Ritz
+    approximation ``Q eigh(QᵀAQ) Qᵀ`` is formed and its error estimated by
+    :func:`estimate_spectral_error` (block Lanczos, ``est_iter`` steps) against
+    ``tol·θ_1`` (``θ_1 <= ||A||_2``, the top Ritz value, so the test is conservative
+    in the norm).  Finally the smallest rank ``r`` with
+    ``estimate + θ_{r+1} <= tol·θ_1`` is kept (dropping Ritz pairs adds at most
+    ``θ_{r+1}``).
+
+    Parameters
+    ----------
+    A : array, shape (..., d, d)
+        Symmetric PSD, real float32/float64, finite, non-empty; a stack is grown
+        until every matrix meets ``tol`` and shares the final rank.
+    tol : float
+        Relative spectral-norm tolerance, ``0 < tol < 1``.
+    max_rank : int, optional
+        Upper limit ``1 <= max_rank <= d`` (default ``d``).  If it is reached
+        first, the rank-``max_rank`` approximation is returned and a warning is
+        logged (``logging``, logger ``onlinela.randomized``).
+    rng : None, int or numpy.random.Generator
+        Source of the Gaussian blocks and estimator start vectors.
+    block_size : int, default 32
+        Columns added per step (``>= 1``).
+    n_iter : int, default 2
+        Power iterations per block (``>= 0``).
+    est_iter : int, default 10
+        Block-Lanczos steps of each error estimate (``>= 1``).
+
+    Returns
+    -------
+    LowRankPSD
+        Rank ``r <= max_rank`` eigenpairs, descending, ``>= 0``; ``A``'s
+        namespace, device and dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`randomized_eigh`; ``tol`` outside ``(0, 1)``; ``max_rank``,
+        ``block_size``, ``n_iter``, ``est_iter`` out of range.
+
+    Notes
+    -----
+    Cost for a final basis of ``k`` columns grown in ``s = ⌈k/b⌉`` blocks:
+    ``O(d^2 k (q+2) + s d^2 · 4·est_iter + d k^2 s + k^3 s)``.  The estimate is a
+    lower bound of the true error up to rounding (Ritz values), accurate to a
+    few percent on decaying spectra; see ``docs/math/randomized.rst``.
+    """
+    xp, d, _ = _check_matrix(A, psd=True)
+    tol = V.check_real(tol, "tol", low=0.0, high=1.0, low_open=True, high_open=True)
+    max_rank = d if max_rank is None else V.check_int(max_rank, "max_rank", low=1, high=d, what="the matrix dimension d")
+    block_size = V.check_int(block_size, "block_size", low=1)
+    n_iter = _check_iter(n_iter)
+    est_iter = _check_iter(est_iter, "est_iter", low=1)
+    gen = _check_rng(rng)
+    return _adaptive_randomized_eigh(xp, A, tol, max_rank, block_size, n_iter, gen, est_iter)
+
+
+def estimate_spectral_error(A: Any, approx: LowRankPSD, *, n_iter: int = 10, rng: Any = None, block_size: int = 4) -> float:
+    r"""A-posteriori estimate of ``||A - approx||_2`` by block Lanczos on the residual.
+
+    The residual ``E = A - approx`` is applied as ``AX - approx.matmul(X)``
+    (never formed).  A random block of ``block_size`` vectors generates the
+    Krylov space ``span[X, EX, ..., E^{n_iter-1}X]``, orthonormalised fully;
+    the estimate is the largest ``|θ|`` over the Ritz values ``θ`` of ``E`` on it.
+
+    Parameters
+    ----------
+    A : array, shape (..., d, d)
+        Symmetric, real float32/float64, finite, non-empty.
+    approx : LowRankPSD
+        Same namespace, device, dtype, ``d`` and stack shape as ``A``.
+    n_iter : int, default 10
+        Applications of ``E`` (``>= 1``).
+    rng : None, int or numpy.random.Generator
+        Source of the start block.
+    block_size : int, default 4
+        Start vectors (``>= 1``).
+
+    Returns
+    -------
+    float
+        The estimate; for a stack, the **maximum** over the stack.  It is a
+        lower bound of ``||A - approx||_2`` up to rounding (Ritz values interlace
+        the spectrum) and exact when the Krylov space is invariant (e.g.
+        ``block_size·n_iter >= d``); on decaying residual spectra it is
+        typically within a few percent.
+
+    Raises
+    ------
+    TypeError
+        ``approx`` not a :class:`LowRankPSD`, dtype mismatch, mixed namespaces.
+    ValueError
+        Shape mismatch, devices differ, invalid ``A``, ``n_iter`` or ``block_size`` < 1.
+
+    Notes
+    -----
+    Cost ``O(n_iter · (d^2 b + d r b) + d (n_iter b)^2)`` with ``b = block_size``.
+    """
+    xp, d, _ = _check_matrix(A, psd=True)
+    if not isinstance(approx, LowRankPSD):
+        raise TypeError(f"`approx` must be a LowRankPSD, got {type(approx).__name__}")
+    B.get_namespace(A, approx.eigvecs, names=("A", "approx"))
+    if approx.dtype != A.dtype:
+        raise TypeError(f"`approx` must have the dtype of `A` ({A.dtype}), got {approx.dtype}")
+    if approx.dim != d or approx.batch_shape != tuple(A.shape[:-2]):
+        raise ValueError(
+            f"`approx` must describe matrices of shape {tuple(A.shape)}, got dimension {approx.dim} "
+            f"and stack shape {approx.batch_shape}"
+        )
+    n_iter = _check_iter(n_iter, low=1)
+    block_size = V.check_int(block_size, "block_size", low=1)
+    gen = _check_rng(rng)
+    est = _estimate_spectral_error(xp, A, approx, n_iter, gen, block_size)
+    return float(xp.max(est))
