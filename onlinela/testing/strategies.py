@@ -27,6 +27,7 @@ from ..lowrank import LowRankPSD
 
 __all__ = [
     "SPECTRUM_KINDS",
+    "STREAM_STYLES",
     "EAStream",
     "PSDCase",
     "ea_streams",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 SPECTRUM_KINDS = ("geometric", "polynomial", "exact_rank", "clustered")
+STREAM_STYLES = ("independent", "correlated", "low_rank", "spiky")
 
 
 class PSDCase(NamedTuple):
@@ -54,6 +56,8 @@ class EAStream(NamedTuple):
     increments: list  # X_i, each (d, s) in the requested namespace and dtype
     increment_rank: int  # s
     increment_norm: float  # K >= max_i ||X_i X_iᵀ||_2 (exact, from float64)
+    increment_norms: tuple = ()  # ||X_i X_iᵀ||_2 per increment (float64, before the cast)
+    increment_traces: tuple = ()  # tr(X_i X_iᵀ) = ||X_i||_F^2 per increment (float64, before the cast)
 
 
 def _dtype(xp: ModuleType, dtype: Any) -> Any:
@@ -172,20 +176,47 @@ def ea_streams(
     decays: st.SearchStrategy[float] = st.floats(0.5, 0.99),
     dtype: Any = None,
     correlated: st.SearchStrategy[bool] = st.booleans(),
+    dtypes: Sequence[Any] | None = None,
+    styles: Sequence[str] | None = None,
 ) -> EAStream:
     """An :class:`EAStream` of rank-``s`` increments ``X_i`` of shape ``(dim, s)``.
 
     With ``correlated``, increments share a slowly rotating dominant subspace
     (as activations of a trained layer do); otherwise they are independent
     Gaussians with random column scales spanning two orders of magnitude.
+
+    ``dtypes`` (a list to draw from) overrides ``dtype``.  ``styles`` (a list
+    drawn from :data:`STREAM_STYLES`) overrides ``correlated``: ``"independent"``
+    and ``"correlated"`` as above; ``"low_rank"``: every increment lies in one
+    fixed subspace of dimension ``<= s`` (rank-deficient increments, and later
+    increments add no new directions -- the no-growth path of a Brand update);
+    ``"spiky"``: one column per increment dominates the others by up to
+    ``10^3`` (a large dynamic range inside each increment).
     """
     n = draw(lengths)
     s = min(draw(ranks), dim)
     rho = draw(decays)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    dt = _dtype(xp, dtype)
+    dt = draw(_dtypes(xp, dtypes)) if dtypes is not None else _dtype(xp, dtype)
+    if styles is not None:
+        for k in styles:
+            if k not in STREAM_STYLES:
+                raise ValueError(f"`styles` entries must be among {STREAM_STYLES}, got {k!r}")
+        style = draw(st.sampled_from(list(styles)))
+    else:
+        style = "correlated" if draw(correlated) else "independent"
     xs, norm = [], 0.0
-    if draw(correlated):
+    if style == "low_rank":
+        k = draw(st.integers(1, s))
+        basis = _orthogonal(rng, dim, k)
+        for _ in range(n):
+            xs.append(basis @ rng.standard_normal((k, s)) * 10.0 ** rng.uniform(-1, 0.5) / np.sqrt(s))
+    elif style == "spiky":
+        for _ in range(n):
+            X = rng.standard_normal((dim, s)) / np.sqrt(dim) * 10.0 ** rng.uniform(-3, 0, s)
+            X[:, rng.integers(s)] *= 10.0 ** rng.uniform(0, 1.5)
+            xs.append(X)
+    elif style == "correlated":
         k = max(1, min(dim, 2 * s))
         basis = _orthogonal(rng, dim, k)
         for _ in range(n):
@@ -197,6 +228,7 @@ def ea_streams(
     else:
         for _ in range(n):
             xs.append(rng.standard_normal((dim, s)) * 10.0 ** rng.uniform(-1, 1, s) / np.sqrt(dim))
-    for X in xs:
-        norm = max(norm, float(np.linalg.norm(X, 2) ** 2))
-    return EAStream(rho, [xp.asarray(X, dtype=dt) for X in xs], s, norm)
+    norms = tuple(float(np.linalg.norm(X, 2) ** 2) for X in xs)
+    traces = tuple(float(np.sum(X * X)) for X in xs)
+    norm = max(norms, default=0.0)
+    return EAStream(rho, [xp.asarray(X, dtype=dt) for X in xs], s, norm, norms, traces)
