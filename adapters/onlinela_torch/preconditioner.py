@@ -1,0 +1,959 @@
+"""KFACPreconditioner: hooks, schedules, damping, clipping and ``step()`` for the K-FAC family.
+
+The preconditioner sits between ``loss.backward()`` and ``optimizer.step()``
+and rewrites ``p.grad`` in place, so any ``torch.optim`` optimizer, LR
+scheduler, gradient accumulation and ``GradScaler`` compose with it::
+
+    precond = KFACPreconditioner(model, method="rs-kfac")
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        precond.step()          # p.grad <- ν · (G + μ_G I)⁻¹ dW (A + μ_A I)⁻¹
+        optimizer.step()
+
+Per step ``k`` (0-based): on ``k % T_updt == 0`` the hooks capture the layer
+inputs and output gradients and the exponential averages are updated; on
+``k % T_inv == 0`` the factors are decomposed (dense ``eigh`` or randomized);
+Brand methods update ``(U, D)`` every ``T_B`` steps.  See docs/kfac.rst.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Literal, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from onlinela import LowRankPSD
+from onlinela import _validation as V
+
+from .factors import (
+    BrandDenseFactor,
+    BrandFactor,
+    DenseFactor,
+    FactorEigen,
+    FactorState,
+    RandomizedFactor,
+    RankPolicy,
+    as_rank_policy,
+)
+from .modules import LayerHelper, LinearHelper, g_scale, helper_for
+
+__all__ = ["METHODS", "BrandConfig", "KFACLayer", "KFACPreconditioner"]
+
+logger = logging.getLogger(__name__)
+
+#: The supported methods, in the order of the papers.
+METHODS = ("kfac", "rs-kfac", "sre-kfac", "nystrom-kfac", "b-kfac", "br-kfac", "b-kfac-c")
+_RANDOMIZED = {"rs-kfac": "svd", "sre-kfac": "subspace", "nystrom-kfac": "nystrom"}
+_BRAND = ("b-kfac", "br-kfac", "b-kfac-c")
+
+IntSchedule = Union[int, Callable[[int], int]]
+FloatSchedule = Union[float, Callable[[int], float]]
+LayerSelector = Union[str, type]
+
+
+@dataclass(frozen=True)
+class BrandConfig:
+    """Options of the Brand methods ``b-kfac``, ``br-kfac``, ``b-kfac-c`` (algorithms.md §4).
+
+    Parameters
+    ----------
+    update_freq : int, callable of the step, or None
+        ``T_B``: Brand-update ``(U, D)`` every ``T_B`` steps.  ``None`` (default)
+        uses ``factor_update_freq`` (the author's later default "every T_updt").
+    overwrite_period : int or callable
+        B-R-KFAC / B-KFAC-c: overwrite ``(U, D)`` by a randomized decomposition of
+        the dense EA every ``overwrite_period · T_inv`` steps (default 2).
+    correction_period : int or callable
+        B-KFAC-c: Rayleigh–Ritz-correct after every ``correction_period``-th
+        Brand update (default 2).
+    correction_fraction : float
+        ``φ`` in (0, 1]: fraction of ``U``'s columns refreshed (default 0.2).
+    fallback : {"svd", "subspace", "nystrom"}
+        Randomized method of the overwrite and of factors where ``r + s >= d``
+        (no Brand update pays off; conv factors in practice).  Default RS-KFAC's ``"svd"``.
+    """
+
+    update_freq: IntSchedule | None = None
+    overwrite_period: IntSchedule = 2
+    correction_period: IntSchedule = 2
+    correction_fraction: float = 0.2
+    fallback: Literal["svd", "subspace", "nystrom"] = "svd"
+
+    def __post_init__(self) -> None:
+        if self.update_freq is not None:
+            _int_schedule(self.update_freq, "brand.update_freq")
+        _int_schedule(self.overwrite_period, "brand.overwrite_period")
+        _int_schedule(self.correction_period, "brand.correction_period")
+        V.check_real(self.correction_fraction, "brand.correction_fraction", low=0.0, high=1.0, low_open=True)
+        if self.fallback not in ("svd", "subspace", "nystrom"):
+            raise ValueError(f"`brand.fallback` must be 'svd', 'subspace' or 'nystrom', got {self.fallback!r}")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What happens at one step (shared by all layers)."""
+
+    ea: bool  # T_updt: update the dense EAs
+    brand: bool  # T_B: Brand updates
+    decompose: bool  # T_inv: decompose dense EAs
+    overwrite: bool  # B-R: overwrite (U, D) from the dense EA
+    correct: bool  # B-KFAC-c: Rayleigh-Ritz correction after the Brand update
+
+    @property
+    def capture(self) -> bool:
+        return self.ea or self.brand
+
+
+class KFACLayer:
+    """Per-layer state: helper, the two factors, captured rows, counters and timings.
+
+    Read-only for users; reach it through :attr:`KFACPreconditioner.layers`.
+
+    Attributes
+    ----------
+    name : str
+        The module's name in ``model.named_modules()``.
+    module : torch.nn.Module
+    helper : onlinela_torch.modules.LayerHelper
+    A, G : FactorState or None
+        The activation and gradient factors (created at the first captured batch,
+        when the increment rank ``s`` that decides Brand eligibility is known).
+    low_rank_grad : bool
+        Whether the thin-factor gradient path may be used for this layer.
+    seconds : dict
+        Seconds spent in ``"statistics"``, ``"decomposition"``, ``"preconditioning"``.
+    counters : dict
+        ``"low_rank_grad"`` (steps preconditioned through the thin factors),
+        ``"low_rank_grad_fallback"`` (captured but the gradient did not match),
+        ``"degenerate"`` (steps left unpreconditioned: a factor is all zero),
+        ``"missing_fisher"`` (statistics steps without sampled-label gradients).
+    """
+
+    def __init__(self, index: int, name: str, module: nn.Module, helper: LayerHelper, low_rank_grad: bool) -> None:
+        self.index = index
+        self.name = name
+        self.module = module
+        self.helper = helper
+        self.low_rank_grad = low_rank_grad
+        self.A: FactorState | None = None
+        self.G: FactorState | None = None
+        self.seconds = {"statistics": 0.0, "decomposition": 0.0, "preconditioning": 0.0}
+        self.counters = {"low_rank_grad": 0, "low_rank_grad_fallback": 0, "degenerate": 0, "missing_fisher": 0}
+        # per-step capture buffers
+        self.a_rows_seen = 0
+        self.samples_seen = 0
+        self.thin_a: list[torch.Tensor] = []
+        self.thin_g: dict[int, torch.Tensor] = {}
+
+    def factors(self) -> Iterator[tuple[str, FactorState]]:
+        """The existing factors as ``("A", state), ("G", state)``."""
+        for key in ("A", "G"):
+            f = getattr(self, key)
+            if f is not None:
+                yield key, f
+
+    def reset_capture(self) -> None:
+        self.a_rows_seen = 0
+        self.samples_seen = 0
+        self.thin_a = []
+        self.thin_g = {}
+        for _, f in self.factors():
+            f.discard_pending()
+
+
+class KFACPreconditioner:
+    r"""K-FAC-family gradient preconditioner for ``nn.Linear`` and ``nn.Conv2d`` layers.
+
+    Call :meth:`step` after ``loss.backward()`` and before ``optimizer.step()``;
+    it replaces each supported layer's gradient ``[dW | db]`` (shape
+    ``d_out × (d_in+1)``) by the clipped natural-gradient direction and leaves
+    every other parameter's gradient alone.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; forward hooks are registered on the selected layers.
+    method : {"kfac", "rs-kfac", "sre-kfac", "nystrom-kfac", "b-kfac", "br-kfac", "b-kfac-c"}
+        ``"kfac"``: dense EA + ``eigh``.  ``"rs-kfac"`` / ``"sre-kfac"`` /
+        ``"nystrom-kfac"``: dense EA + randomized SVD / symmetric subspace
+        iteration / Nyström eigendecomposition of rank ``rank``.  ``"b-kfac"``:
+        Brand-updated ``(U, D)`` only, for factors with ``r + s < d``;
+        ``"br-kfac"``: plus the dense EA and a periodic randomized overwrite;
+        ``"b-kfac-c"``: plus a Rayleigh–Ritz correction.  Factors that are too
+        small for a Brand update use RS-KFAC.
+    lr : float or callable of the step
+        Learning rate, used by the KL clip only (the optimizer applies its own).
+        The bundled optimizers pass their current ``param_groups[0]["lr"]``.
+    damping : float > 0 or callable of the step
+        Relative damping ``λ``.  Product convention: ``λ' = λ · max eig G · max eig A``;
+        per-factor convention: ``μ_X = λ · max eig X``.
+    factor_decay : float in (0, 1)
+        ``ρ`` of the exponential averages.
+    factor_update_freq, inv_update_freq : int >= 1 or callable of the step
+        ``T_updt`` and ``T_inv``: statistics on steps ``k % T_updt == 0``,
+        decompositions on ``k % T_inv == 0``.
+    rank : int, callable of the step, or RankPolicy
+        Target rank ``r`` of low-rank factors (default 220); :class:`~onlinela_torch.AdaptiveRank`
+        is the papers' adaptive rule, :class:`~onlinela_torch.ErrorTargetRank`
+        a tolerance on the damped inverse.
+    oversample, n_iter : int >= 0
+        Oversampling ``l`` and power/subspace iterations ``q`` of the randomized sketches.
+    kl_clip : float > 0 or None
+        ``κ`` of the KL clip ``ν = min(1, sqrt(κ / |Σ v·g·lr²|))``; None disables it.
+    rms_clip : float > 0 or None
+        The papers' per-layer RMS cap ``ν_l = min(1, κ / rms(v_l))`` (0.07 in
+        their CIFAR runs); applied before the KL clip.  None (default) disables it.
+    damping_convention : {"product", "factor"} or None
+        None picks ``"product"`` for ``"kfac"`` (the K-FAC baseline) and
+        ``"factor"`` for the randomized and Brand methods, as the papers do.
+    complement : {"min", "zero"}
+        Eigenvalue given to the directions a low-rank decomposition did not
+        compute: ``"zero"`` is the papers' identity ``(UDUᵀ + μI)⁻¹ = U[(D+μ)⁻¹ - μ⁻¹]Uᵀ + μ⁻¹I``;
+        ``"min"`` (default) uses the smallest kept eigenvalue, which keeps the
+        step bounded when the rank is too small for the spectrum (the §3
+        variant).  Irrelevant for full-rank factors (``"kfac"``, small factors).
+    brand : BrandConfig, optional
+        Periods of the Brand methods (default ``BrandConfig()``).
+    fisher : {"empirical", "true", "exact"}
+        Where ``G`` comes from: ``"empirical"`` (default, the papers): the
+        back-propagated training loss; ``"true"``: labels sampled from the
+        model's predictive distribution; ``"exact"``: the expectation over
+        labels taken exactly (one backward pass per output dimension).  The last
+        two need :meth:`fisher_backward` on the model outputs before ``loss.backward()``.
+    loss_reduction : {"mean", "sum"}
+        How the training loss reduces over the samples of a step (see
+        :func:`onlinela_torch.modules.g_scale`; with gradient accumulation,
+        "mean" means every micro-batch loss is divided by the number of micro-batches).
+    layers, skip_layers : sequence of str or type, optional
+        Select layers by name (``fnmatch`` patterns on ``named_modules()`` names)
+        or by module type.  ``layers=None`` selects every supported layer.
+    factor_dtype, inv_dtype : torch.dtype
+        Dtype of the factor statistics and of the decompositions (float32 or
+        float64; default float32).  Activations captured under ``torch.autocast``
+        are cast up before use.
+    low_rank_grad : bool or None
+        Precondition Linear layers through the rank-``n`` gradient factors
+        (``O((d_in+d_out)(r+n)n)`` for the solves instead of ``O(d_in d_out r)``).
+        Needs the per-factor convention and the plain minibatch gradient of the
+        captured batch: checked each step with a random probe, falling back to
+        the dense path otherwise.  None enables it for the Brand methods.
+    grad_scaler : torch.amp.GradScaler or None
+        When given, captured output gradients are divided by its scale.
+    seed : int
+        Seeds the randomized sketches (one stream per factor) and label sampling.
+
+    Notes
+    -----
+    State: :meth:`state_dict` / :meth:`load_state_dict` restore a run exactly
+    (on CPU continuing after a reload gives bitwise the same parameters).
+    Robustness: a non-finite gradient skips the step (every ``p.grad`` is set to
+    ``None`` so any torch optimizer skips its update), non-finite statistics and
+    failed decompositions are skipped; all are counted in :meth:`stats` and
+    logged, and the state never holds NaN.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        method: str = "kfac",
+        lr: FloatSchedule = 0.1,
+        damping: FloatSchedule = 1e-3,
+        factor_decay: float = 0.95,
+        factor_update_freq: IntSchedule = 10,
+        inv_update_freq: IntSchedule = 50,
+        rank: int | Callable[[int], int] | RankPolicy = 220,
+        oversample: int = 10,
+        n_iter: int = 3,
+        kl_clip: float | None = 1e-3,
+        rms_clip: float | None = None,
+        damping_convention: Literal["product", "factor"] | None = None,
+        complement: Literal["zero", "min"] = "min",
+        brand: BrandConfig | None = None,
+        fisher: Literal["empirical", "true", "exact"] = "empirical",
+        loss_reduction: Literal["mean", "sum"] = "mean",
+        layers: Sequence[LayerSelector] | None = None,
+        skip_layers: Sequence[LayerSelector] = (),
+        factor_dtype: torch.dtype = torch.float32,
+        inv_dtype: torch.dtype = torch.float32,
+        low_rank_grad: bool | None = None,
+        grad_scaler: Any = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
+        self.model = model
+        self.method = method
+        self._lr = _float_schedule(lr, "lr")
+        self._damping = _float_schedule(damping, "damping")
+        self.factor_decay = V.check_real(factor_decay, "factor_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+        self._t_updt = _int_schedule(factor_update_freq, "factor_update_freq")
+        self._t_inv = _int_schedule(inv_update_freq, "inv_update_freq")
+        self.rank_policy = as_rank_policy(rank)
+        self.oversample = V.check_int(oversample, "oversample", low=0)
+        self.n_iter = V.check_int(n_iter, "n_iter", low=0)
+        self.kl_clip = None if kl_clip is None else V.check_real(kl_clip, "kl_clip", low=0.0, low_open=True)
+        self.rms_clip = None if rms_clip is None else V.check_real(rms_clip, "rms_clip", low=0.0, low_open=True)
+        if damping_convention is None:
+            damping_convention = "product" if method == "kfac" else "factor"
+        if damping_convention not in ("product", "factor"):
+            raise ValueError(f"`damping_convention` must be 'product', 'factor' or None, got {damping_convention!r}")
+        self.damping_convention = damping_convention
+        if complement not in ("zero", "min"):
+            raise ValueError(f"`complement` must be 'zero' or 'min', got {complement!r}")
+        self.complement = complement
+        brand = BrandConfig() if brand is None else brand
+        if not isinstance(brand, BrandConfig):
+            raise TypeError(f"`brand` must be a BrandConfig, got {type(brand).__name__}")
+        self.brand = brand
+        self._t_brand = self._t_updt if brand.update_freq is None else _int_schedule(brand.update_freq, "brand.update_freq")
+        self._overwrite = _int_schedule(brand.overwrite_period, "brand.overwrite_period")
+        self._correction = _int_schedule(brand.correction_period, "brand.correction_period")
+        if fisher not in ("empirical", "true", "exact"):
+            raise ValueError(f"`fisher` must be 'empirical', 'true' or 'exact', got {fisher!r}")
+        self.fisher = fisher
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"`loss_reduction` must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
+        for dt, name in ((factor_dtype, "factor_dtype"), (inv_dtype, "inv_dtype")):
+            if dt not in (torch.float32, torch.float64):
+                raise ValueError(f"`{name}` must be torch.float32 or torch.float64, got {dt}")
+        self.factor_dtype = factor_dtype
+        self.inv_dtype = inv_dtype
+        if low_rank_grad is None:
+            low_rank_grad = method in _BRAND
+        self.grad_scaler = grad_scaler
+        self.seed = V.check_int(seed, "seed", low=0)
+
+        thin = bool(low_rank_grad) and damping_convention == "factor"
+        selected = _select_layers(model, layers, skip_layers)
+        self.layers: dict[str, KFACLayer] = {
+            name: KFACLayer(i, name, m, h, thin and isinstance(h, LinearHelper)) for i, (name, m, h) in enumerate(selected)
+        }
+        self._by_module = {layer.module: layer for layer in self.layers.values()}
+        self._handles = [layer.module.register_forward_hook(self._forward_hook) for layer in self.layers.values()]
+        self.steps = 0
+        self._brand_updates = 0
+        self._skipped_steps = 0
+        self._seconds = {"statistics": 0.0, "decomposition": 0.0, "preconditioning": 0.0}
+        self._plan_cache: tuple[int, _Plan] | None = None
+        self._scale_cache: tuple[int, float] | None = None
+        self._sampling: float | None = None  # weight of the sampled-label backward in progress
+        self._fisher_gen: torch.Generator | None = None
+        self._fisher_gen_state: torch.Tensor | None = None
+
+    # ================================================================== schedules
+    def damping_at(self, step: int) -> float:
+        """The relative damping ``λ`` at ``step``."""
+        return self._damping(step)
+
+    def _plan(self, k: int) -> _Plan:
+        if self._plan_cache is not None and self._plan_cache[0] == k:
+            return self._plan_cache[1]
+        brand_method = self.method in _BRAND
+        ea = k % self._t_updt(k) == 0
+        brand = brand_method and k % self._t_brand(k) == 0
+        plan = _Plan(
+            ea=ea,
+            brand=brand,
+            decompose=k % self._t_inv(k) == 0,
+            overwrite=self.method in ("br-kfac", "b-kfac-c") and k % (self._overwrite(k) * self._t_inv(k)) == 0,
+            correct=self.method == "b-kfac-c" and brand and (self._brand_updates + 1) % self._correction(k) == 0,
+        )
+        self._plan_cache = (k, plan)
+        return plan
+
+    def _grad_scale(self) -> float:
+        if self.grad_scaler is None:
+            return 1.0
+        if self._scale_cache is None or self._scale_cache[0] != self.steps:
+            self._scale_cache = (self.steps, float(self.grad_scaler.get_scale()))
+        return self._scale_cache[1]
+
+    # ================================================================== factors
+    def _factor_for(self, layer: KFACLayer, which: str, s: int, kind: str | None = None) -> FactorState:
+        """The layer's ``which`` factor, created on first use (Brand eligibility needs ``s``)."""
+        f = getattr(layer, which)
+        if f is not None:
+            return f
+        dim = layer.helper.a_dim if which == "A" else layer.helper.g_dim
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(layer.index, int(which == "G"))))
+        common = dict(
+            decay=self.factor_decay,
+            rank=self.rank_policy,
+            dtype=self.factor_dtype,
+            inv_dtype=self.inv_dtype,
+            device=layer.module.weight.device,
+            rng=rng,
+            name=f"{layer.name or '<model>'}/{which}",
+        )
+        if kind is None:
+            kind = self._kind_for(dim, s)
+        sketch = dict(oversample=self.oversample, n_iter=self.n_iter)
+        if kind == "dense":
+            f = DenseFactor(dim, **common)
+        elif kind == "randomized":
+            f = RandomizedFactor(dim, method=_RANDOMIZED.get(self.method, self.brand.fallback), **sketch, **common)
+        elif kind == "brand":
+            f = BrandFactor(dim, **common)
+        elif kind == "brand+dense":
+            f = BrandDenseFactor(
+                dim, method=self.brand.fallback, fraction=self.brand.correction_fraction, **sketch, **common
+            )
+        else:
+            raise ValueError(f"unknown factor kind {kind!r} in checkpoint")
+        setattr(layer, which, f)
+        logger.debug("factor %s: %s, d=%d", common["name"], kind, dim)
+        return f
+
+    def _kind_for(self, dim: int, s: int) -> str:
+        if self.method == "kfac":
+            return "dense"
+        if self.method in _RANDOMIZED:
+            return "randomized"
+        if self.rank_policy.initial + s >= dim:  # a Brand update would not pay off
+            return "randomized"
+        return "brand" if self.method == "b-kfac" else "brand+dense"
+
+    # ================================================================== hooks
+    def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        layer = self._by_module[module]
+        plan = self._plan(self.steps)
+        if not (plan.capture or layer.low_rank_grad):
+            return
+        t0 = time.perf_counter()
+        x = inputs[0].detach()
+        rows = layer.helper.a_rows(x)
+        if plan.capture:
+            self._factor_for(layer, "A", rows.shape[0]).accumulate(rows)
+            layer.a_rows_seen += rows.shape[0]
+            layer.samples_seen += layer.helper.batch_size(x)
+        idx = None
+        if layer.low_rank_grad:
+            layer.thin_a.append(rows)
+            idx = len(layer.thin_a) - 1
+        output.register_hook(functools.partial(self._grad_hook, layer, idx))
+        self._add_seconds(layer, "statistics", time.perf_counter() - t0)
+
+    def _grad_hook(self, layer: KFACLayer, idx: int | None, grad: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        plan = self._plan(self.steps)
+        rows = layer.helper.g_rows(grad.detach())
+        scale = self._grad_scale()
+        if scale != 1.0:
+            rows = rows / scale
+        if self._sampling is not None:
+            if plan.capture:
+                self._factor_for(layer, "G", rows.shape[0]).accumulate(rows * math.sqrt(self._sampling))
+        else:
+            if plan.capture and self.fisher == "empirical":
+                self._factor_for(layer, "G", rows.shape[0]).accumulate(rows)
+            if idx is not None:
+                layer.thin_g[idx] = rows
+        self._add_seconds(layer, "statistics", time.perf_counter() - t0)
+
+    def remove_hooks(self) -> None:
+        """Detach the preconditioner from the model (its state stays usable)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ================================================================== true Fisher
+    def fisher_backward(
+        self,
+        outputs: torch.Tensor,
+        *,
+        likelihood: Literal["categorical", "gaussian"] = "categorical",
+        n_samples: int = 1,
+    ) -> None:
+        r"""Back-propagate label gradients from the model's predictive distribution to capture ``G``.
+
+        Call it on the model outputs of each micro-batch *before*
+        ``loss.backward()`` (it keeps the graph).  It only touches the factor
+        statistics: ``p.grad`` is unchanged.  A no-op on steps without
+        statistics and with ``fisher="empirical"``.
+
+        Parameters
+        ----------
+        outputs : Tensor of shape (n, ..., C)
+            Logits (``"categorical"``: ``p = softmax``) or means (``"gaussian"``,
+            unit variance, i.e. the loss ``½‖f - y‖²``) of the ``n`` samples.
+        likelihood : {"categorical", "gaussian"}
+        n_samples : int >= 1
+            ``fisher="true"``: Monte-Carlo labels per sample, averaged.  Ignored
+            by ``fisher="exact"``, which back-propagates the ``C`` columns of a
+            square root of the loss Hessian (``√p_c (p - e_c)`` or ``e_c``): the
+            expectation over labels, exactly.
+
+        Notes
+        -----
+        Cost: ``n_samples`` (true) or ``C`` (exact) backward passes.  The
+        output gradients follow ``loss_reduction``: scaled by ``1/n`` for "mean".
+        """
+        if self.fisher == "empirical" or not self._plan(self.steps).capture:
+            return
+        if likelihood not in ("categorical", "gaussian"):
+            raise ValueError(f"`likelihood` must be 'categorical' or 'gaussian', got {likelihood!r}")
+        n_samples = V.check_int(n_samples, "n_samples", low=1)
+        f = outputs.detach().float()
+        C = f.shape[-1]
+        n = f.shape[0] if f.ndim >= 2 else 1
+        scale = 1.0 / n if self.loss_reduction == "mean" else 1.0
+        if self.fisher == "exact":
+            eye = torch.eye(C, device=f.device)
+            if likelihood == "categorical":
+                p = torch.softmax(f, -1)
+                vecs = [p[..., c : c + 1].sqrt() * (p - eye[c]) for c in range(C)]
+            else:
+                vecs = [eye[c].expand_as(f) for c in range(C)]
+            weight = 1.0
+        else:
+            gen = self._generator(f.device)
+            if likelihood == "categorical":
+                p = torch.softmax(f, -1)
+                flat = p.reshape(-1, C)
+                vecs = []
+                for _ in range(n_samples):
+                    y = torch.multinomial(flat, 1, generator=gen).reshape(p.shape[:-1])
+                    vecs.append(p - torch.nn.functional.one_hot(y, C).to(p.dtype))
+            else:
+                vecs = [torch.randn(f.shape, generator=gen, device=f.device) for _ in range(n_samples)]
+            weight = 1.0 / n_samples
+        weights = [layer.module.weight for layer in self.layers.values() if layer.module.weight.requires_grad]
+        self._sampling = weight
+        try:
+            for v in vecs:
+                torch.autograd.grad(
+                    outputs, weights, grad_outputs=(v * scale).to(outputs.dtype), retain_graph=True, allow_unused=True
+                )
+        finally:
+            self._sampling = None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._fisher_gen is None or self._fisher_gen.device != device:
+            self._fisher_gen = torch.Generator(device=device)
+            if self._fisher_gen_state is not None:
+                self._fisher_gen.set_state(self._fisher_gen_state)
+            else:
+                self._fisher_gen.manual_seed(self.seed)
+        return self._fisher_gen
+
+    # ================================================================== step
+    @torch.no_grad()
+    def step(self) -> bool:
+        """Update statistics and decompositions as scheduled, then precondition every ``p.grad`` in place.
+
+        Returns
+        -------
+        bool
+            False when the step was skipped because a gradient was not finite
+            (every ``p.grad`` of the model is then set to ``None``, so that any
+            torch optimizer leaves the parameters alone); True otherwise.
+        """
+        k = self.steps
+        plan = self._plan(k)
+        lam = self.damping_at(k)
+        for layer in self.layers.values():
+            self._update_layer(layer, plan, lam, k)
+        if plan.brand:
+            self._brand_updates += 1
+        try:
+            return self._precondition_step(k, lam)
+        finally:
+            for layer in self.layers.values():
+                layer.reset_capture()
+            self.steps += 1
+
+    def _update_layer(self, layer: KFACLayer, plan: _Plan, lam: float, k: int) -> None:
+        if plan.capture and layer.a_rows_seen:
+            a_scale = 1.0 / layer.a_rows_seen
+            gs = g_scale(layer.samples_seen, self.loss_reduction)
+            if self.fisher != "empirical" and (layer.G is None or not layer.G.has_pending):
+                layer.counters["missing_fisher"] += 1
+                logger.warning(
+                    "step %d: fisher=%r but no fisher_backward() before this step; G of %s not updated",
+                    k, self.fisher, layer.name,
+                )
+            t0 = time.perf_counter()
+            if plan.ea:
+                for f, s in ((layer.A, a_scale), (layer.G, gs)):
+                    if f is not None:
+                        f.update_ea(s, step=k)
+            t1 = time.perf_counter()
+            self._add_seconds(layer, "statistics", t1 - t0)
+            if plan.brand:
+                for f, s in ((layer.A, a_scale), (layer.G, gs)):
+                    if f is not None:
+                        f.update_brand(s, correct=plan.correct, damping=lam, step=k)
+            self._add_seconds(layer, "decomposition", time.perf_counter() - t1)
+        t0 = time.perf_counter()
+        for _, f in layer.factors():
+            f.discard_pending()
+            f.refresh(decompose=plan.decompose, overwrite=plan.overwrite, damping=lam, step=k)
+        self._add_seconds(layer, "decomposition", time.perf_counter() - t0)
+
+    def _precondition_step(self, k: int, lam: float) -> bool:
+        t0 = time.perf_counter()
+        entries: list[tuple[KFACLayer, torch.Tensor]] = []
+        for layer in self.layers.values():
+            w = layer.module.weight
+            if w.requires_grad and w.grad is not None:
+                entries.append((layer, layer.helper.grad_matrix()))
+        all_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        thin_layers = [(layer, g) for layer, g in entries if self._thin_candidate(layer)]
+        checks = [torch.isfinite(g).all().float() for g in all_grads]
+        checks += [self._probe_error(layer, g, k) for layer, g in thin_layers]
+        values = torch.stack([c.reshape(()).float().cpu() for c in checks]).tolist() if checks else []
+        finite, probes = values[: len(all_grads)], values[len(all_grads) :]
+        if not all(finite):
+            self._skipped_steps += 1
+            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            logger.warning("step %d: non-finite gradient in %s; step skipped (grads set to None)", k, ", ".join(bad))
+            for p in self.model.parameters():
+                p.grad = None
+            self._seconds["preconditioning"] += time.perf_counter() - t0
+            return False
+        thin_ok = {
+            layer.name: err <= _probe_tol(layer) for (layer, _), err in zip(thin_layers, probes)
+        }
+        vs: list[torch.Tensor] = []
+        for layer, g in entries:
+            t1 = time.perf_counter()
+            use_thin = thin_ok.get(layer.name, False)
+            if layer.name in thin_ok:
+                layer.counters["low_rank_grad" if use_thin else "low_rank_grad_fallback"] += 1
+            v = self._apply_layer(layer, g, lam, thin=use_thin)
+            if self.rms_clip is not None:
+                rms = v.float().square().mean().sqrt()
+                v = v * torch.clamp(self.rms_clip / rms, max=1.0).to(v.dtype)
+            vs.append(v)
+            layer.seconds["preconditioning"] += time.perf_counter() - t1
+        if self.kl_clip is not None and entries:
+            lr = self._lr(k)
+            vg = sum((v.float() * g.float()).sum() for v, (_, g) in zip(vs, entries)) * lr**2
+            nu = torch.clamp(torch.sqrt(self.kl_clip / vg.abs()), max=1.0)
+            vs = [v * nu.to(v.dtype) for v in vs]
+        for (layer, _), v in zip(entries, vs):
+            layer.helper.set_grad_matrix(v)
+        self._seconds["preconditioning"] += time.perf_counter() - t0
+        return True
+
+    def _add_seconds(self, layer: KFACLayer, phase: str, dt: float) -> None:
+        layer.seconds[phase] += dt
+        self._seconds[phase] += dt
+
+    # ================================================================== preconditioning
+    def _apply_layer(self, layer: KFACLayer, g: torch.Tensor, lam: float, *, thin: bool) -> torch.Tensor:
+        """``v`` for one layer (unclipped); the gradient itself when a factor is missing or all zero."""
+        eA, eG = _eigen(layer.A), _eigen(layer.G)
+        if eA is None or eG is None:
+            return g
+        if eA.max_eig <= 0 or eG.max_eig <= 0:
+            layer.counters["degenerate"] += 1
+            return g
+        if thin:
+            return self._apply_thin(layer, eG, eA, lam).to(g.dtype)
+        return apply_inverse(eG, eA, g, lam, self.damping_convention, self.complement)
+
+    def _thin_candidate(self, layer: KFACLayer) -> bool:
+        """Captured rows pair up and the thin path is cheaper than the dense one."""
+        if not layer.low_rank_grad or not layer.thin_a or len(layer.thin_g) != len(layer.thin_a):
+            return False
+        eA, eG = _eigen(layer.A), _eigen(layer.G)
+        if eA is None or eG is None:
+            return False
+        n = sum(r.shape[0] for r in layer.thin_a)
+        a, gd = layer.helper.a_dim, layer.helper.g_dim
+        rA, rG = eA.approx.rank, eG.approx.rank
+        return 2 * a * gd * n + 4 * n * (gd * rG + a * rA) < 4 * a * gd * (rA + rG)
+
+    def _probe_error(self, layer: KFACLayer, g: torch.Tensor, k: int) -> torch.Tensor:
+        """Relative mismatch ``‖g z - Σ Goᵀ(Ā z)‖ / ‖g z‖`` for a random probe ``z``.  Cost ``O(d_in d_out)``."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        z = torch.randn(g.shape[1], generator=gen).to(device=g.device, dtype=torch.float32)
+        ref = g.float() @ z
+        thin = sum(layer.thin_g[i].float().T @ (a.float() @ z) for i, a in enumerate(layer.thin_a))
+        return (ref - thin).norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny)
+
+    def _apply_thin(self, layer: KFACLayer, eG: FactorEigen, eA: FactorEigen, lam: float) -> torch.Tensor:
+        """``[(G+μ_G)⁻¹ Goᵀ] [(A+μ_A)⁻¹ Āᵀ]ᵀ``: solves ``O((d_in+d_out) r n)``, product ``O(d_in d_out n)``."""
+        Ab = torch.cat(layer.thin_a, 0).to(self.inv_dtype)
+        Go = torch.cat([layer.thin_g[i] for i in range(len(layer.thin_a))], 0).to(self.inv_dtype)
+        L = _with_complement(eG, self.complement).solve(Go.T, lam * eG.max_eig)
+        R = _with_complement(eA, self.complement).solve(Ab.T, lam * eA.max_eig)
+        return L @ R.T
+
+    def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: float | None = None) -> dict[str, torch.Tensor]:
+        """Apply the current inverse curvature to arbitrary gradient matrices (no clipping, no state change).
+
+        Parameters
+        ----------
+        grads : mapping of layer name to Tensor of shape (g_dim, a_dim)
+            Matrices in the layout of :meth:`grad_matrices` (bias as last column).
+        damping : float, optional
+            Relative damping ``λ``; default the schedule's value at the current step.
+
+        Returns
+        -------
+        dict
+            The preconditioned matrices; layers without a decomposition yet (or
+            with an all-zero factor) are returned unchanged.  Cost per layer as
+            one :meth:`step` of the dense path.
+        """
+        lam = self.damping_at(self.steps) if damping is None else V.check_real(damping, "damping", low=0.0, low_open=True)
+        out = {}
+        for name, g in grads.items():
+            if name not in self.layers:
+                raise KeyError(f"{name!r} is not a preconditioned layer; known: {list(self.layers)}")
+            out[name] = self._apply_layer(self.layers[name], g, lam, thin=False)
+        return out
+
+    def grad_matrices(self) -> dict[str, torch.Tensor]:
+        """The current gradients ``[dW | db]`` of the preconditioned layers, shape (g_dim, a_dim) each."""
+        out = {}
+        for name, layer in self.layers.items():
+            g = layer.helper.grad_matrix()
+            if g is not None:
+                out[name] = g
+        return out
+
+    def set_grad_matrices(self, mats: Mapping[str, torch.Tensor]) -> None:
+        """Write matrices of shape (g_dim, a_dim) into the layers' ``weight.grad`` / ``bias.grad`` in place."""
+        for name, m in mats.items():
+            self.layers[name].helper.set_grad_matrix(m)
+
+    # ================================================================== state
+    def state_dict(self) -> dict[str, Any]:
+        """The full state: step counters, every factor (EA, decomposition, rank, RNG), counters.
+
+        Tensors are references (as ``torch.optim.Optimizer.state_dict``); save
+        it with ``torch.save``.  Schedules and other constructor arguments are not included.
+        """
+        gen_state = self._fisher_gen.get_state() if self._fisher_gen is not None else self._fisher_gen_state
+        return {
+            "version": 1,
+            "method": self.method,
+            "steps": self.steps,
+            "brand_updates": self._brand_updates,
+            "skipped_steps": self._skipped_steps,
+            "fisher_rng": gen_state,
+            "layers": {
+                name: {
+                    "A": None if layer.A is None else layer.A.state_dict(),
+                    "G": None if layer.G is None else layer.G.state_dict(),
+                    "counters": dict(layer.counters),
+                }
+                for name, layer in self.layers.items()
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` (same method and layer names)."""
+        if state_dict.get("version") != 1:
+            raise ValueError(f"unsupported KFACPreconditioner state version {state_dict.get('version')!r}")
+        if state_dict["method"] != self.method:
+            raise ValueError(f"the state is for method {state_dict['method']!r}, this preconditioner runs {self.method!r}")
+        if set(state_dict["layers"]) != set(self.layers):
+            raise ValueError(
+                f"the state holds layers {sorted(state_dict['layers'])}, the model has {sorted(self.layers)}"
+            )
+        self.steps = int(state_dict["steps"])
+        self._brand_updates = int(state_dict["brand_updates"])
+        self._skipped_steps = int(state_dict["skipped_steps"])
+        self._plan_cache = None
+        self._scale_cache = None
+        self._fisher_gen = None
+        self._fisher_gen_state = state_dict["fisher_rng"]
+        for name, sd in state_dict["layers"].items():
+            layer = self.layers[name]
+            layer.A = layer.G = None
+            for which in ("A", "G"):
+                if sd[which] is not None:
+                    self._factor_for(layer, which, 0, kind=sd[which]["kind"]).load_state_dict(sd[which])
+            layer.counters = dict(sd["counters"])
+            layer.reset_capture()
+
+    def stats(self) -> dict[str, Any]:
+        """Diagnostics: per layer rank, last error estimate, seconds per phase, skip counters.
+
+        Returns
+        -------
+        dict
+            ``{"method", "step", "skipped_steps", "seconds": {phase: s},
+            "layers": {name: {"A": {...}, "G": {...}, "seconds": {...}, "counters": {...}}}}``
+            where each factor entry has ``kind``, ``dim``, ``rank`` (of the current
+            decomposition), ``target_rank``, ``error`` (``λ_r/λ_1`` of the last
+            decomposition, 0 for exact ones, None before the first) and
+            ``skipped`` (``statistics``/``decomposition`` counts).  Seconds are
+            wall-clock on the host (asynchronous on CUDA).
+        """
+        layers = {}
+        for name, layer in self.layers.items():
+            entry: dict[str, Any] = {"seconds": dict(layer.seconds), "counters": dict(layer.counters)}
+            for which, f in (("A", layer.A), ("G", layer.G)):
+                entry[which] = None if f is None else {
+                    "kind": f.kind,
+                    "dim": f.dim,
+                    "rank": None if f.eigen is None else f.eigen.approx.rank,
+                    "target_rank": f.rank,
+                    "error": f.errors[-1] if f.errors else None,
+                    "skipped": dict(f.skipped),
+                }
+            layers[name] = entry
+        return {
+            "method": self.method,
+            "step": self.steps,
+            "skipped_steps": self._skipped_steps,
+            "seconds": dict(self._seconds),
+            "layers": layers,
+        }
+
+
+# ====================================================================== pure functions
+def apply_inverse(
+    G: FactorEigen,
+    A: FactorEigen,
+    X: torch.Tensor,
+    damping: float,
+    convention: Literal["product", "factor"],
+    complement: Literal["zero", "min"] = "zero",
+) -> torch.Tensor:
+    r"""Damped Kronecker inverse applied to a gradient matrix ``X`` of shape ``(d_G, d_A)``.
+
+    Each factor is ``U diag(w) Uᵀ + c (I - UUᵀ)`` with ``c = 0`` (``"zero"``, the
+    papers) or ``c = min(w)`` (``"min"``) on the directions a low-rank
+    decomposition did not compute; full-rank factors have no complement.
+
+    * ``"product"``: ``(A ⊗ G + λ' I)⁻¹ vec(X)`` with ``λ' = λ · max eig G · max eig A``:
+      the eigenvector ``u_i v_jᵀ`` of ``A ⊗ G`` is divided by ``g_i a_j + λ'``,
+      ``V = U_G[(U_Gᵀ X U_A) ⊘ (g aᵀ + λ')]U_Aᵀ`` for full-rank factors (the
+      K-FAC baseline), plus the three complement blocks otherwise.
+    * ``"factor"``: ``(G + μ_G I)⁻¹ X (A + μ_A I)⁻¹`` with ``μ = λ · max eig``,
+      each side by :meth:`onlinela.LowRankPSD.solve`.
+
+    Cost ``O(d_G d_A (r_G + r_A))``.  Computed in the factors' dtype; returned in ``X``'s.
+    """
+    Xi = X.to(G.approx.dtype)
+    gM, aM = _with_complement(G, complement), _with_complement(A, complement)
+    if convention == "factor":
+        V = gM.solve(Xi, damping * G.max_eig)
+        return aM.solve(V.T, damping * A.max_eig).T.to(X.dtype)
+    lam = damping * G.max_eig * A.max_eig
+    UG, dG, UA, dA = gM.eigvecs, gM.eigvals, aM.eigvecs, aM.eigvals
+    P = UG.T @ Xi  # (r_G, d_A)
+    Cm = P @ UA  # (r_G, r_A)
+    V = UG @ (Cm / (dG[:, None] * dA[None, :] + lam)) @ UA.T
+    fullG, fullA = gM.rank == gM.dim, aM.rank == aM.dim
+    if fullG and fullA:
+        return V.to(X.dtype)
+    cG, cA = float(gM.complement), float(aM.complement)
+    if not fullA:  # G-span x A-complement
+        V = V + UG @ ((P - Cm @ UA.T) / (dG[:, None] * cA + lam))
+    Q = Xi @ UA  # (d_G, r_A)
+    if not fullG:  # G-complement x A-span
+        V = V + ((Q - UG @ Cm) / (cG * dA[None, :] + lam)) @ UA.T
+    if not (fullG or fullA):  # both complements
+        V = V + (Xi - UG @ P - Q @ UA.T + UG @ Cm @ UA.T) / (cG * cA + lam)
+    return V.to(X.dtype)
+
+
+def _with_complement(e: FactorEigen, complement: str) -> LowRankPSD:
+    """The snapshot with complement eigenvalue 0 or ``min(w)`` (a float: applying it never syncs)."""
+    M = e.approx
+    if complement == "zero" or M.rank == M.dim:
+        return M
+    return LowRankPSD._trusted(M.eigvecs, M.eigvals, e.min_eig)
+
+
+def _eigen(f: FactorState | None) -> FactorEigen | None:
+    return None if f is None else f.eigen
+
+
+def _probe_tol(layer: KFACLayer) -> float:
+    """Probe tolerance: float32 round-off, looser for rows captured in a 16-bit dtype."""
+    eps = max(torch.finfo(r.dtype).eps for r in layer.thin_a)
+    return max(1e-4, 4 * eps)
+
+
+def _int_schedule(value: IntSchedule, name: str) -> Callable[[int], int]:
+    """A positive-int schedule: the constant checked now, a callable's values at each use."""
+    if callable(value):
+
+        def f(step: int) -> int:
+            out = value(step)
+            try:
+                return V.check_int(out, f"{name}({step})", low=1)
+            except TypeError as exc:
+                raise TypeError(f"`{name}` must return a positive int, got {type(out).__name__}") from exc
+
+        return f
+    v = V.check_int(value, name, low=1)
+    return lambda step: v
+
+
+def _float_schedule(value: FloatSchedule, name: str) -> Callable[[int], float]:
+    """A positive-float schedule: the constant checked now, a callable's values at each use."""
+    if callable(value):
+        return lambda step: V.check_real(value(step), f"{name}({step})", low=0.0, low_open=True)
+    v = V.check_real(value, name, low=0.0, low_open=True)
+    return lambda step: v
+
+
+def _matches(name: str, module: nn.Module, selectors: Sequence[LayerSelector]) -> bool:
+    for s in selectors:
+        if isinstance(s, str) and fnmatchcase(name, s):
+            return True
+        if isinstance(s, type) and isinstance(module, s):
+            return True
+    return False
+
+
+def _select_layers(
+    model: nn.Module, layers: Sequence[LayerSelector] | None, skip_layers: Sequence[LayerSelector]
+) -> list[tuple[str, nn.Module, LayerHelper]]:
+    for sel, arg in ((layers or (), "layers"), (skip_layers, "skip_layers")):
+        if isinstance(sel, (str, type)):
+            raise TypeError(f"`{arg}` must be a sequence of names or types, got a single {type(sel).__name__}")
+        for s in sel:
+            if not isinstance(s, (str, type)):
+                raise TypeError(f"`{arg}` entries must be names (str) or module types, got {s!r}")
+    out = []
+    for name, m in model.named_modules():
+        if _matches(name, m, skip_layers):
+            continue
+        if layers is not None and not _matches(name, m, layers):
+            continue
+        helper, reason = helper_for(m)
+        if helper is None:
+            if layers is not None and name in layers:
+                raise ValueError(f"layer {name!r} was selected by name but cannot be preconditioned: {reason}")
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                warnings.warn(f"onlinela_torch: skipping layer {name!r}: {reason}; it keeps its plain gradient", stacklevel=3)
+            continue
+        if not m.weight.requires_grad:
+            logger.debug("layer %s is frozen; not preconditioned", name)
+            continue
+        out.append((name, m, helper))
+    if not out:
+        raise ValueError(
+            "no supported layer (nn.Linear, nn.Conv2d with groups=1) selected in the model; "
+            "check `layers` / `skip_layers`"
+        )
+    return out
+
