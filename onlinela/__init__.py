@@ -4,10 +4,26 @@ Backend-agnostic (NumPy, CuPy, torch tensors, any array-API array through
 ``array-api-compat``); imports neither torch, cupy nor hypothesis.
 """
 
+from .decay import (
+    damped_inverse_error,
+    ea_eigenvalue_bound,
+    ea_rank_for_inverse_error,
+    ea_rank_for_tolerance,
+    ea_stream_eigenvalue_bound,
+)
 from .lowrank import LowRankPSD
+from .online import brand_update, empty_lowrank, rayleigh_ritz_refresh
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LowRankPSD",
+    "brand_update",
+    "damped_inverse_error",
+    "ea_eigenvalue_bound",
+    "ea_rank_for_inverse_error",
+    "ea_rank_for_tolerance",
+    "ea_stream_eigenvalue_bound",
+    "empty_lowrank",
+    "rayleigh_ritz_refresh",
 ]

@@ -65,13 +65,17 @@ def empty_lowrank(
 
     ``rank=r > 0`` gives the **identity-initialised** state of the B-KFAC paper:
     ``U = I[:, :r]`` (the first ``r`` columns of the identity) with eigenvalues
-    ``0``.  It represents the same matrix as the empty state but has a fixed
-    rank ``r`` from the start, so ``brand_update(..., rank=r)`` keeps every
-    state at exactly ``r`` columns (fixed shapes for compiled or batched hot
-    loops).  To model the usual K-FAC initialisation ``M_0 = I``, pass
-    ``complement=1.0``: :func:`brand_update` decays the complement exactly
-    (``decay^k`` after ``k`` updates), which is the paper's
-    "missing identity becomes a ``ρ^{n_upd}`` term in the damping".
+    equal to ``complement`` (``0`` by default, as in the paper).  It represents
+    the same matrix ``complement·I`` as the empty state but has a fixed rank
+    ``r`` from the start, so ``brand_update(..., rank=r)`` keeps every state at
+    exactly ``r`` columns (fixed shapes for compiled or batched hot loops).
+
+    To model the usual K-FAC initialisation ``M_0 = I``, pass
+    ``complement=1.0``: :func:`brand_update` decays it exactly (the complement
+    is ``decay^k`` after ``k`` updates), the representable form of the paper's
+    "missing identity becomes a ``ρ^{n_upd}`` term in the damping".  With the
+    default ``complement=0`` the EA starts from ``M_0 = 0`` and the identity,
+    if wanted, is added as damping by the caller.
 
     Parameters
     ----------
@@ -95,8 +99,8 @@ def empty_lowrank(
     Returns
     -------
     LowRankPSD
-        ``eigvecs`` of shape ``(*batch_shape, dim, rank)``, ``eigvals`` zeros of
-        shape ``(*batch_shape, rank)``.
+        ``eigvecs`` of shape ``(*batch_shape, dim, rank)``, ``eigvals`` of shape
+        ``(*batch_shape, rank)`` all equal to ``complement``.
     """
     dim = V.check_int(dim, "dim", low=1)
     rank = V.check_int(rank, "rank", low=0, high=dim, what="the matrix dimension `dim`")
@@ -114,7 +118,7 @@ def empty_lowrank(
         raise TypeError(f"`dtype` must be float32 or float64 of the namespace, got {dtype}")
     V.check_real(complement, "complement", low=0.0)
     U = xp.eye(dim, rank, dtype=dtype, device=device)
-    w = xp.zeros(batch + (rank,), dtype=dtype, device=device)
+    w = xp.full(batch + (rank,), float(complement), dtype=dtype, device=device)
     if batch:
         U = xp.zeros(batch + (dim, rank), dtype=dtype, device=device) + U
     return LowRankPSD._trusted(U, w, float(complement))
@@ -207,8 +211,6 @@ def brand_update(approx: LowRankPSD, X: Any, *, decay: float, rank: int | None =
         raise ValueError(
             f"`X` must have the batch shape {approx.batch_shape} of `approx`, got shape {tuple(X.shape)}"
         )
-    if not bool(xp.all(xp.isfinite(X))):
-        raise ValueError("`X` must be finite (no NaN or Inf); the state was not updated")
     if rank is not None:
         rank = V.check_int(rank, "rank", low=0)
     return _brand_update(approx, X, decay, rank, xp=xp)
@@ -219,8 +221,8 @@ def _brand_update(
 ) -> LowRankPSD:
     """:func:`brand_update` without argument validation (for hot loops).
 
-    Still refuses to build a state from non-finite data: the ``(r+k)``-square
-    core is checked (``O((r+n)^2)``) and ``ValueError`` is raised.
+    Still refuses to build a state from non-finite data: ``X`` (``O(d n)``)
+    and the ``(r+k)``-square core are checked and ``ValueError`` is raised.
     """
     U, w = approx.eigvecs, approx.eigvals
     xp = xp or B.get_namespace(U)
@@ -230,6 +232,8 @@ def _brand_update(
     eps = B.eps(xp, dt)
     rho = float(decay)
     comp = approx.complement
+    if not B._finite(xp, X):
+        raise ValueError("`X` must be finite (no NaN or Inf); the state was not updated")
 
     # 0. orthonormality of U: cheap probe, re-orthonormalise implicitly if it drifted.
     T = L = None  # U~ = U T is orthonormal and U = U~ L  (None: T = L = I)
@@ -360,9 +364,10 @@ def _svqb_step(
     ``_C_RES·eps·λ_max`` are clamped there (the direction is kept, scaled to
     norm <= ~1, and resolved by the next pass).  Directions whose contribution
     ``||z_i||·||C_i||`` to ``X`` is below ``_C_DROP·eps·sqrt(r+n)·||X||`` are
-    dropped; in a stack, members with fewer surviving directions than the
-    largest get fresh random columns with zero coefficients (orthonormalised
-    by the next pass), so shapes stay uniform.  Returns ``(Z, C, xnorm)``.
+    dropped.  In a stack every member keeps ``k`` = the largest number of
+    surviving directions; a member with fewer keeps its next-best columns with
+    zero coefficients (replaced by random columns when too short), which the
+    next pass orthonormalises, so shapes stay uniform.  Returns ``(Z, C, xnorm)``.
     """
     dt, dev = Z.dtype, B.device(Z)
     m = int(Z.shape[-1])
@@ -392,11 +397,15 @@ def _svqb_step(
         Cn = B.mT(xp, perm) @ Cn
     Znew = Z @ M
     if not all_kept and k and bool(xp.any(count < k)):
-        # stack members with fewer genuine directions: random fill with zero weight
-        slot = xp.arange(k, device=dev) >= count[..., None]  # (..., k)
-        fill = B.standard_normal(xp, batch + (d, k), dtype=dt, device=dev, rng=_FILL_SEED + seed)
-        Znew = xp.where(slot[..., None, :], fill / math.sqrt(d), Znew)
+        # A stack member with fewer genuine directions than the widest keeps its next-best
+        # columns as zero-weight fillers; fillers too short to be normalised stably are
+        # replaced by random columns.  The next pass orthonormalises them against U and the rest.
+        slot = xp.arange(k, device=dev) >= count[..., None]  # (..., k): non-genuine slots
         Cn = xp.where(slot[..., :, None], xp.zeros_like(Cn), Cn)
+        short = slot & ((znorm[..., None, :] @ perm)[..., 0, :] < 0.5)
+        if bool(xp.any(short)):
+            fill = B.standard_normal(xp, batch + (d, k), dtype=dt, device=dev, rng=_FILL_SEED + seed)
+            Znew = xp.where(short[..., None, :], fill / math.sqrt(d), Znew)
     return Znew, Cn, xnorm
 
 
