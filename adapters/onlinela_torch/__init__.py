@@ -1,3 +1,24 @@
 """onlinela_torch: PyTorch adapters for the K-FAC family built on :mod:`onlinela`."""
 
-__all__: list[str] = []
+from .factors import AdaptiveRank, ErrorTargetRank, FactorEigen, FactorState, RankPolicy
+from .optimizers import BKFAC, BKFACC, BRKFAC, KFAC, RSKFAC, SREKFAC, NystromKFAC
+from .preconditioner import BrandConfig, KFACLayer, KFACPreconditioner, apply_inverse
+
+__all__: list[str] = [
+    "AdaptiveRank",
+    "BKFAC",
+    "BKFACC",
+    "BRKFAC",
+    "BrandConfig",
+    "ErrorTargetRank",
+    "FactorEigen",
+    "FactorState",
+    "KFAC",
+    "KFACLayer",
+    "KFACPreconditioner",
+    "NystromKFAC",
+    "RSKFAC",
+    "RankPolicy",
+    "SREKFAC",
+    "apply_inverse",
+]
