@@ -511,12 +511,14 @@ class KFACPreconditioner:
         if likelihood not in ("categorical", "gaussian"):
             raise ValueError(f"`likelihood` must be 'categorical' or 'gaussian', got {likelihood!r}")
         n_samples = V.check_int(n_samples, "n_samples", low=1)
-        f = outputs.detach().float()
+        f = outputs.detach()
+        if f.dtype not in (torch.float32, torch.float64):  # autocast outputs: sample in float32
+            f = f.float()
         C = f.shape[-1]
         n = f.shape[0] if f.ndim >= 2 else 1
         scale = 1.0 / n if self.loss_reduction == "mean" else 1.0
         if self.fisher == "exact":
-            eye = torch.eye(C, device=f.device)
+            eye = torch.eye(C, device=f.device, dtype=f.dtype)
             if likelihood == "categorical":
                 p = torch.softmax(f, -1)
                 vecs = [p[..., c : c + 1].sqrt() * (p - eye[c]) for c in range(C)]
@@ -533,7 +535,7 @@ class KFACPreconditioner:
                     y = torch.multinomial(flat, 1, generator=gen).reshape(p.shape[:-1])
                     vecs.append(p - torch.nn.functional.one_hot(y, C).to(p.dtype))
             else:
-                vecs = [torch.randn(f.shape, generator=gen, device=f.device) for _ in range(n_samples)]
+                vecs = [torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype) for _ in range(n_samples)]
             weight = 1.0 / n_samples
         weights = [layer.module.weight for layer in self.layers.values() if layer.module.weight.requires_grad]
         self._sampling = weight
