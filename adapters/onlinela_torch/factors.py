@@ -328,7 +328,8 @@ class FactorState(abc.ABC):
         """
         rows = rows.detach().to(self.dtype)
         if self.keeps_dense:
-            g = rows.T @ rows
+            with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the user's autocast
+                g = rows.T @ rows
             self._gram = g if self._gram is None else self._gram.add_(g)
         if self.keeps_rows:
             self._rows.append(rows)

@@ -571,12 +571,14 @@ class KFACPreconditioner:
         k = self.steps
         plan = self._plan(k)
         lam = self.damping_at(k)
-        for layer in self.layers.values():
-            self._update_layer(layer, plan, lam, k)
-        if plan.brand:
-            self._brand_updates += 1
+        device_type = next(iter(self.layers.values())).module.weight.device.type
         try:
-            return self._precondition_step(k, lam)
+            with torch.autocast(device_type, enabled=False):  # full-precision linear algebra
+                for layer in self.layers.values():
+                    self._update_layer(layer, plan, lam, k)
+                if plan.brand:
+                    self._brand_updates += 1
+                return self._precondition_step(k, lam)
         finally:
             for layer in self.layers.values():
                 layer.reset_capture()
