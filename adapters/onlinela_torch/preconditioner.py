@@ -640,6 +640,9 @@ class KFACPreconditioner:
         for layer, g in entries:
             t1 = time.perf_counter()
             use_thin = thin_ok.get(layer.name, False)
+            eA, eG = _eigen(layer.A), _eigen(layer.G)
+            if eA is not None and eG is not None and min(eA.max_eig, eG.max_eig) <= 0:
+                layer.counters["degenerate"] += 1
             if layer.name in thin_ok:
                 layer.counters["low_rank_grad" if use_thin else "low_rank_grad_fallback"] += 1
             v = self._apply_layer(layer, g, lam, thin=use_thin)
@@ -666,10 +669,7 @@ class KFACPreconditioner:
     def _apply_layer(self, layer: KFACLayer, g: torch.Tensor, lam: float, *, thin: bool) -> torch.Tensor:
         """``v`` for one layer (unclipped); the gradient itself when a factor is missing or all zero."""
         eA, eG = _eigen(layer.A), _eigen(layer.G)
-        if eA is None or eG is None:
-            return g
-        if eA.max_eig <= 0 or eG.max_eig <= 0:
-            layer.counters["degenerate"] += 1
+        if eA is None or eG is None or eA.max_eig <= 0 or eG.max_eig <= 0:
             return g
         if thin:
             return self._apply_thin(layer, eG, eA, lam).to(g.dtype)
