@@ -320,18 +320,19 @@ class FactorState(abc.ABC):
         self._rows: list[torch.Tensor] = []
 
     # ------------------------------------------------------------------ statistics
-    def accumulate(self, rows: torch.Tensor) -> None:
+    def accumulate(self, rows: torch.Tensor, *, ea: bool = True, brand: bool = True) -> None:
         """Add one micro-batch of rows ``(R, d)`` to this step's pending increment.
 
-        Cost ``O(R d²)`` for states that keep the dense EA (the Gram is formed
-        at once, so the rows are not held), ``O(1)`` for Brand-only states.
+        ``ea`` / ``brand`` say which updates this step will make.  Cost
+        ``O(R d²)`` for the dense EA (the Gram is formed at once, so the rows
+        are not held), ``O(1)`` for a Brand update (the rows are held).
         """
         rows = rows.detach().to(self.dtype)
-        if self.keeps_dense:
+        if self.keeps_dense and ea:
             with torch.autocast(rows.device.type, enabled=False):  # hooks run inside the user's autocast
                 g = rows.T @ rows
             self._gram = g if self._gram is None else self._gram.add_(g)
-        if self.keeps_rows:
+        if self.keeps_rows and brand:
             self._rows.append(rows)
 
     @property

@@ -264,6 +264,9 @@ class KFACPreconditioner:
     logged, and the state never holds NaN.
     """
 
+    #: The supported ``method`` names.
+    METHODS = METHODS
+
     def __init__(
         self,
         model: nn.Module,
@@ -441,7 +444,7 @@ class KFACPreconditioner:
         x = inputs[0].detach()
         rows = layer.helper.a_rows(x)
         if plan.capture:
-            self._factor_for(layer, "A", rows.shape[0]).accumulate(rows)
+            self._factor_for(layer, "A", rows.shape[0]).accumulate(rows, ea=plan.ea, brand=plan.brand)
             layer.a_rows_seen += rows.shape[0]
             layer.samples_seen += layer.helper.batch_size(x)
         idx = None
@@ -460,10 +463,11 @@ class KFACPreconditioner:
             rows = rows / scale
         if self._sampling is not None:
             if plan.capture:
-                self._factor_for(layer, "G", rows.shape[0]).accumulate(rows * math.sqrt(self._sampling))
+                g = self._factor_for(layer, "G", rows.shape[0])
+                g.accumulate(rows * math.sqrt(self._sampling), ea=plan.ea, brand=plan.brand)
         else:
             if plan.capture and self.fisher == "empirical":
-                self._factor_for(layer, "G", rows.shape[0]).accumulate(rows)
+                self._factor_for(layer, "G", rows.shape[0]).accumulate(rows, ea=plan.ea, brand=plan.brand)
             if idx is not None:
                 layer.thin_g[idx] = rows
         self._add_seconds(layer, "statistics", time.perf_counter() - t0)
