@@ -253,6 +253,10 @@ class KFACPreconditioner:
         When given, captured output gradients are divided by its scale.
     seed : int
         Seeds the randomized sketches (one stream per factor) and label sampling.
+    timer : callable
+        Clock of the per-phase seconds in :meth:`stats` (default
+        ``time.perf_counter``; e.g. ``time.process_time`` for CPU time, or a
+        function that calls ``torch.cuda.synchronize()`` first for exact GPU phases).
 
     Notes
     -----
@@ -294,6 +298,7 @@ class KFACPreconditioner:
         low_rank_grad: bool | None = None,
         grad_scaler: Any = None,
         seed: int = 0,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -341,6 +346,9 @@ class KFACPreconditioner:
             low_rank_grad = method in _BRAND
         self.grad_scaler = grad_scaler
         self.seed = V.check_int(seed, "seed", low=0)
+        if not callable(timer):
+            raise TypeError(f"`timer` must be a callable returning seconds, got {type(timer).__name__}")
+        self._timer = timer
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
         selected = _select_layers(model, layers, skip_layers)
@@ -440,7 +448,7 @@ class KFACPreconditioner:
         plan = self._plan(self.steps)
         if not (plan.capture or layer.low_rank_grad):
             return
-        t0 = time.perf_counter()
+        t0 = self._timer()
         x = inputs[0].detach()
         rows = layer.helper.a_rows(x)
         if plan.capture:
@@ -452,10 +460,10 @@ class KFACPreconditioner:
             layer.thin_a.append(rows)
             idx = len(layer.thin_a) - 1
         output.register_hook(functools.partial(self._grad_hook, layer, idx))
-        self._add_seconds(layer, "statistics", time.perf_counter() - t0)
+        self._add_seconds(layer, "statistics", self._timer() - t0)
 
     def _grad_hook(self, layer: KFACLayer, idx: int | None, grad: torch.Tensor) -> None:
-        t0 = time.perf_counter()
+        t0 = self._timer()
         plan = self._plan(self.steps)
         rows = layer.helper.g_rows(grad.detach())
         scale = self._grad_scale()
@@ -470,7 +478,7 @@ class KFACPreconditioner:
                 self._factor_for(layer, "G", rows.shape[0]).accumulate(rows, ea=plan.ea, brand=plan.brand)
             if idx is not None:
                 layer.thin_g[idx] = rows
-        self._add_seconds(layer, "statistics", time.perf_counter() - t0)
+        self._add_seconds(layer, "statistics", self._timer() - t0)
 
     def remove_hooks(self) -> None:
         """Detach the preconditioner from the model (its state stays usable)."""
@@ -598,26 +606,26 @@ class KFACPreconditioner:
                     "step %d: fisher=%r but no fisher_backward() before this step; G of %s not updated",
                     k, self.fisher, layer.name,
                 )
-            t0 = time.perf_counter()
+            t0 = self._timer()
             if plan.ea:
                 for f, s in ((layer.A, a_scale), (layer.G, gs)):
                     if f is not None:
                         f.update_ea(s, step=k)
-            t1 = time.perf_counter()
+            t1 = self._timer()
             self._add_seconds(layer, "statistics", t1 - t0)
             if plan.brand:
                 for f, s in ((layer.A, a_scale), (layer.G, gs)):
                     if f is not None:
                         f.update_brand(s, correct=plan.correct, damping=lam, step=k)
-            self._add_seconds(layer, "decomposition", time.perf_counter() - t1)
-        t0 = time.perf_counter()
+            self._add_seconds(layer, "decomposition", self._timer() - t1)
+        t0 = self._timer()
         for _, f in layer.factors():
             f.discard_pending()
             f.refresh(decompose=plan.decompose, overwrite=plan.overwrite, damping=lam, step=k)
-        self._add_seconds(layer, "decomposition", time.perf_counter() - t0)
+        self._add_seconds(layer, "decomposition", self._timer() - t0)
 
     def _precondition_step(self, k: int, lam: float) -> bool:
-        t0 = time.perf_counter()
+        t0 = self._timer()
         entries: list[tuple[KFACLayer, torch.Tensor]] = []
         for layer in self.layers.values():
             w = layer.module.weight
@@ -625,7 +633,8 @@ class KFACPreconditioner:
                 entries.append((layer, layer.helper.grad_matrix()))
         all_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         thin_layers = [(layer, g) for layer, g in entries if self._thin_candidate(layer)]
-        checks = [torch.isfinite(g).all().float() for g in all_grads]
+        # max|g| is NaN/Inf exactly when g is not finite: one reduction per tensor, no temporaries
+        checks = [torch.isfinite(torch.linalg.vector_norm(g, math.inf)).float() for g in all_grads]
         checks += [self._probe_error(layer, g, k) for layer, g in thin_layers]
         values = torch.stack([c.reshape(()).float().cpu() for c in checks]).tolist() if checks else []
         finite, probes = values[: len(all_grads)], values[len(all_grads) :]
@@ -635,14 +644,14 @@ class KFACPreconditioner:
             logger.warning("step %d: non-finite gradient in %s; step skipped (grads set to None)", k, ", ".join(bad))
             for p in self.model.parameters():
                 p.grad = None
-            self._seconds["preconditioning"] += time.perf_counter() - t0
+            self._seconds["preconditioning"] += self._timer() - t0
             return False
         thin_ok = {
             layer.name: err <= _probe_tol(layer) for (layer, _), err in zip(thin_layers, probes)
         }
         vs: list[torch.Tensor] = []
         for layer, g in entries:
-            t1 = time.perf_counter()
+            t1 = self._timer()
             use_thin = thin_ok.get(layer.name, False)
             eA, eG = _eigen(layer.A), _eigen(layer.G)
             if eA is not None and eG is not None and min(eA.max_eig, eG.max_eig) <= 0:
@@ -654,15 +663,15 @@ class KFACPreconditioner:
                 rms = v.float().square().mean().sqrt()
                 v = v * torch.clamp(self.rms_clip / rms, max=1.0).to(v.dtype)
             vs.append(v)
-            layer.seconds["preconditioning"] += time.perf_counter() - t1
+            layer.seconds["preconditioning"] += self._timer() - t1
         if self.kl_clip is not None and entries:
             lr = self._lr(k)
-            vg = sum((v.float() * g.float()).sum() for v, (_, g) in zip(vs, entries)) * lr**2
+            vg = sum(torch.dot(v.reshape(-1).float(), g.reshape(-1).float()) for v, (_, g) in zip(vs, entries)) * lr**2
             nu = torch.clamp(torch.sqrt(self.kl_clip / vg.abs()), max=1.0)
             vs = [v * nu.to(v.dtype) for v in vs]
         for (layer, _), v in zip(entries, vs):
             layer.helper.set_grad_matrix(v)
-        self._seconds["preconditioning"] += time.perf_counter() - t0
+        self._seconds["preconditioning"] += self._timer() - t0
         return True
 
     def _add_seconds(self, layer: KFACLayer, phase: str, dt: float) -> None:
