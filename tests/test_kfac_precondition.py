@@ -183,3 +183,21 @@ def test_preconditioned_direction_is_a_descent_direction(method):
         inner = sum(float((p.grad * gi).sum()) for p, gi in zip(model.parameters(), g))
         assert inner > 0
         assert np.isfinite(inner)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_conv_net_steps_are_finite_descent_directions(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 5)
+    )
+    pre = KFACPreconditioner(model, method=method, rank=8, oversample=2, factor_update_freq=1, inv_update_freq=2)
+    for _ in range(3):
+        model.zero_grad()
+        x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 5, (4,))
+        F.cross_entropy(model(x), y).backward()
+        g = [p.grad.clone() for p in model.parameters()]
+        assert pre.step()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        assert sum(float((p.grad * gi).sum()) for p, gi in zip(model.parameters(), g)) > 0
+    assert pre.layers["0"].A.kind in ("dense", "randomized")  # conv increments are too wide for Brand

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 
@@ -296,3 +297,36 @@ def test_true_fisher_without_fisher_backward_is_counted():
     _train_step(model, pre, 0)
     assert pre.layers["0"].counters["missing_fisher"] == 1
     assert pre.layers["0"].G is None  # no G statistics: the layer keeps its plain gradient
+
+
+def test_eigh_failure_retries_in_float64_then_skips(monkeypatch, caplog):
+    model = _mlp()
+    pre = KFACPreconditioner(model, method="kfac", factor_update_freq=1, inv_update_freq=1)
+    _train_step(model, pre, 0)
+    good = pre.layers["2"].A.eigen
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def flaky(a, *args, **kw):  # float32 fails, float64 works
+        calls.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated convergence failure")
+        return real_eigh(a, *args, **kw)
+
+    compat_linalg = importlib.import_module("array_api_compat.torch.linalg")  # onlinela's eigh goes through it
+    monkeypatch.setattr(compat_linalg, "eigh", flaky)
+    _train_step(model, pre, 1)
+    assert torch.float64 in calls and pre.layers["2"].A.eigen is not good
+    assert pre.layers["2"].A.eigen.approx.dtype == torch.float32
+    assert pre.stats()["layers"]["2"]["A"]["skipped"]["decomposition"] == 0
+
+    def broken(a, *args, **kw):
+        raise torch.linalg.LinAlgError("simulated failure in every dtype")
+
+    monkeypatch.setattr(compat_linalg, "eigh", broken)
+    kept = pre.layers["2"].A.eigen
+    with caplog.at_level(logging.WARNING, logger="onlinela_torch"):
+        _train_step(model, pre, 2)
+    assert pre.layers["2"].A.eigen is kept  # the last good decomposition stays in use
+    assert pre.stats()["layers"]["2"]["A"]["skipped"]["decomposition"] == 1
+    assert "skipped the decomposition" in caplog.text
