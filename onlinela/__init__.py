@@ -13,11 +13,19 @@ from .decay import (
 )
 from .lowrank import LowRankPSD
 from .online import brand_update, empty_lowrank, rayleigh_ritz_refresh
+from .randomized import (
+    adaptive_randomized_eigh,
+    estimate_spectral_error,
+    randomized_eigh,
+    randomized_range_finder,
+    randomized_svd,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LowRankPSD",
+    "adaptive_randomized_eigh",
     "brand_update",
     "damped_inverse_error",
     "ea_eigenvalue_bound",
@@ -25,5 +33,9 @@ __all__ = [
     "ea_rank_for_tolerance",
     "ea_stream_eigenvalue_bound",
     "empty_lowrank",
+    "estimate_spectral_error",
+    "randomized_eigh",
+    "randomized_range_finder",
+    "randomized_svd",
     "rayleigh_ritz_refresh",
 ]

@@ -205,7 +205,9 @@ def _cholesky_qr2(xp: ModuleType, y: Any) -> Any | None:
     k = y.shape[-1]
     if k == 0:
         return y
-    tol = 10.0 * k * eps(xp, y.dtype)
+    # accept what assert_orthonormal accepts (10 sqrt(d) eps) with a factor-2 margin; a looser
+    # test (it was 100 k eps: 3e-3 in float32 at k = 230) let rank-deficient inputs through
+    tol = 5.0 * max(y.shape[-2], k) ** 0.5 * eps(xp, y.dtype)
     q = y
     for _ in range(2):
         gram = mT(xp, q) @ q
@@ -217,7 +219,7 @@ def _cholesky_qr2(xp: ModuleType, y: Any) -> Any | None:
             return None
         q = _solve_upper_right(xp, q, r)
     err = q.shape[-1] and float(xp.max(xp.abs(mT(xp, q) @ q - xp.eye(k, dtype=q.dtype, device=device(q)))))
-    if not err <= tol * 10 or not np.isfinite(err):
+    if not err <= tol or not np.isfinite(err):
         return None
     return q
 
@@ -228,6 +230,12 @@ def _solve_upper_right(xp: ModuleType, b: Any, r: Any) -> Any:
         import scipy.linalg as sla
 
         if b.ndim == 2:
+            # trtri + GEMM: ~4x faster than ?trtrs on a tall (d, k) b with OpenBLAS, and as
+            # accurate for the well-conditioned R of CholeskyQR (whose result is checked anyway)
+            trtri = sla.lapack.get_lapack_funcs("trtri", (r,))
+            rinv, info = trtri(r, lower=0)
+            if info == 0:
+                return b @ np.triu(rinv)
             return sla.solve_triangular(r, b.T, trans="T", lower=False, check_finite=False).T
         return np.linalg.solve(np.swapaxes(r, -1, -2), np.swapaxes(b, -1, -2)).swapaxes(-1, -2)
     if is_torch(xp):
