@@ -2,7 +2,7 @@
 
 from .factors import AdaptiveRank, ErrorTargetRank, FactorEigen, FactorState, RankPolicy
 from .optimizers import BKFAC, BKFACC, BRKFAC, KFAC, RSKFAC, SREKFAC, NystromKFAC
-from .preconditioner import BrandConfig, KFACLayer, KFACPreconditioner, apply_inverse
+from .preconditioner import BrandConfig, KFACLayer, KFACPreconditioner, apply_inverse, damped_solve
 
 __all__: list[str] = [
     "AdaptiveRank",
@@ -21,4 +21,5 @@ __all__: list[str] = [
     "RankPolicy",
     "SREKFAC",
     "apply_inverse",
+    "damped_solve",
 ]
