@@ -330,3 +330,19 @@ def test_eigh_failure_retries_in_float64_then_skips(monkeypatch, caplog):
     assert pre.layers["2"].A.eigen is kept  # the last good decomposition stays in use
     assert pre.stats()["layers"]["2"]["A"]["skipped"]["decomposition"] == 1
     assert "skipped the decomposition" in caplog.text
+
+
+def test_rank_policy_rules():
+    ad = AdaptiveRank(start=100, step=10, min_rank=20, max_rank=120, window=2)
+    assert ad.next_rank(0, 100, None, [], 1e-3) == 100
+    assert ad.next_rank(5, 100, None, [0.01, 0.02], 1e-3) == 90  # mean 0.015 < 0.033 - 0.007: shrink
+    assert ad.next_rank(5, 100, None, [0.9, 0.06], 1e-3) == 110  # last two: mean 0.48 > 0.053: grow
+    assert ad.next_rank(5, 115, None, [0.9], 1e-3) == 120  # capped at max_rank
+    assert ad.next_rank(5, 100, None, [0.03], 1e-3) == 100  # inside the band
+    et = ErrorTargetRank(tol=0.1, start=8, min_rank=1, max_rank=50, growth=2.0)
+    w = torch.tensor([1.0, 0.5, 0.05, 0.01, 0.001], dtype=torch.float64)
+    # damping 0.1: mu = 0.1; e_j = w_j / (mu + w_j) = [.91, .83, .33, .09, .01]: keep 3 pairs
+    assert et.next_rank(1, 5, w, [], 0.1) == 3
+    assert et.next_rank(1, 5, w[:3], [], 0.1) == 10  # the computed spectrum is too short: grow
+    with pytest.raises(ValueError, match="min_rank <= start"):
+        AdaptiveRank(start=5, min_rank=10)
