@@ -180,28 +180,35 @@ def _build(args: argparse.Namespace, task: ex.Task, data: Dataset, name: str, lr
 
 def _stepper(args: argparse.Namespace, task: ex.Task, model: torch.nn.Module, name: str, lr: float) -> ex.Stepper:
     try:
-        return ex.build_stepper(name, model, lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                kfac_options=_kfac_options(args), task=task)
+        return ex.build_stepper(name, model, lr=lr, momentum=args.momentum, kfac_momentum=args.kfac_momentum,
+                                weight_decay=args.weight_decay, kfac_options=_kfac_options(args), task=task)
     except ex.OptionError as exc:
         raise CLIError(f"--kfac-opt: {exc}") from None
 
 
-def _optimizer_names(requested: Sequence[str] | None) -> list[str]:
+def _optimizer_names(requested: Sequence[str] | None, task: ex.Task) -> list[str]:
+    """Validated optimizer names; ``all`` (or nothing) is every available one that suits ``task``."""
     specs = ex.available_optimizers()
     if not requested or requested == ["all"]:
-        return list(specs)
+        names = [n for n, s in specs.items() if task.is_classifier or not s.classification_only]
+        if len(names) < len(specs):
+            logger.info("KLD-WRM needs a classifier: left out of %s", task.name)
+        return names
     unknown = [n for n in requested if n not in specs]
     if unknown:
         missing = [n for n in unknown if n in ex.KFAC_METHODS or n.startswith("kld-wrm-")]
         hint = f" ({', '.join(missing)} need the K-FAC family, not importable in this installation)" if missing else ""
         raise CLIError(f"unknown optimizer(s) {', '.join(unknown)}{hint}; available: {', '.join(specs)}")
+    unsuited = [n for n in requested if specs[n].classification_only and not task.is_classifier]
+    if unsuited:
+        raise CLIError(f"{', '.join(unsuited)} need a classification task; {task.name} is an autoencoder")
     return list(dict.fromkeys(requested))
 
 
 # ------------------------------------------------------------------- compare
 def _compare(args: argparse.Namespace) -> int:
     task = _task(args)
-    names = _optimizer_names(args.optimizers)
+    names = _optimizer_names(args.optimizers, task)
     data = _load(args, task)
     epochs = args.epochs or task.epochs
     batch = args.batch_size or task.batch_size
@@ -255,7 +262,7 @@ def _compare(args: argparse.Namespace) -> int:
         "config": {"epochs": epochs, "batch_size": batch, "seeds": args.seeds, "targets": targets,
                    "lr_grid": grid, "probe_steps": probe_steps if len(grid) > 1 else 0,
                    "width": args.width if args.width is not None else task.width, "momentum": args.momentum,
-                   "weight_decay": args.weight_decay, "kfac_options": {**task.kfac, **_kfac_options(args)}},
+                   "kfac_momentum": args.kfac_momentum, "weight_decay": args.weight_decay, "kfac_options": {**task.kfac, **_kfac_options(args)}},
         "environment": _environment(data.x_train.device),
         "wall_seconds": wall,
         "results": results,
@@ -334,13 +341,14 @@ def _plot_compare(path: pathlib.Path, task: ex.Task, targets: Sequence[float], r
     from matplotlib import pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab10").colors
     for i, (name, r) in enumerate(results.items()):
+        style = {"color": colors[i % 10], "ls": ("-", "--", ":")[i // 10 % 3], "marker": ".", "ms": 3}
         for j, run in enumerate(r["runs"]):
             hist = [h for h in run["history"] if math.isfinite(h["metric"])]
             label = f"{name} (lr {r['lr']:g})" if j == 0 else None
-            axes[0].plot([h["seconds"] for h in hist], [h["metric"] for h in hist], color=colors[i % 20], label=label)
-            axes[1].plot([h["epoch"] for h in hist], [h["metric"] for h in hist], color=colors[i % 20])
+            axes[0].plot([h["seconds"] for h in hist], [h["metric"] for h in hist], label=label, **style)
+            axes[1].plot([h["epoch"] for h in hist], [h["metric"] for h in hist], **style)
     for ax, xlabel in zip(axes, ("training wall-clock (s)", "epoch")):
         for t in targets:
             ax.axhline(t, color="grey", lw=0.6, ls=":")
@@ -357,12 +365,12 @@ def _plot_compare(path: pathlib.Path, task: ex.Task, targets: Sequence[float], r
 
 
 # --------------------------------------------------------------------- train
-_RESUME_KEYS = ("task", "optimizer", "lr", "seed", "batch_size", "width", "momentum", "weight_decay")
+_RESUME_KEYS = ("task", "optimizer", "lr", "seed", "batch_size", "width", "momentum", "kfac_momentum", "weight_decay")
 
 
 def _train(args: argparse.Namespace) -> int:
     task = _task(args)
-    name = _optimizer_names([args.optimizer])[0]
+    name = _optimizer_names([args.optimizer], task)[0]
     if args.resume and not args.checkpoint:
         raise CLIError("--resume needs --checkpoint PATH (the file to resume from)")
     if args.resume and not pathlib.Path(args.checkpoint).is_file():
@@ -372,7 +380,8 @@ def _train(args: argparse.Namespace) -> int:
     batch = args.batch_size or task.batch_size
     epochs = args.epochs or task.epochs
     config = {"task": task.name, "optimizer": name, "lr": lr, "seed": args.seed, "batch_size": batch,
-              "width": args.width, "momentum": args.momentum, "weight_decay": args.weight_decay,
+              "width": args.width, "momentum": args.momentum, "kfac_momentum": args.kfac_momentum,
+              "weight_decay": args.weight_decay,
               "kfac_options": _kfac_options(args)}
     model, stepper = _build(args, task, data, name, lr, args.seed)
     history = None
@@ -418,7 +427,7 @@ def _spectrum(args: argparse.Namespace) -> int:
     import onlinela
 
     task = _task(args)
-    name = _optimizer_names([args.optimizer])[0]
+    name = _optimizer_names([args.optimizer], task)[0]
     data = _load(args, task)
     bound = getattr(onlinela, "ea_eigenvalue_bound", None)
     if bound is None:
@@ -510,7 +519,9 @@ def _common(parser: argparse.ArgumentParser, *, default_task: str, default_out: 
     parser.add_argument("--max-train", type=_positive_int, help="use a seeded subset of this many training images")
     parser.add_argument("--batch-size", type=_positive_int, help="minibatch size (default: the task's)")
     parser.add_argument("--width", type=_positive_float, help="model width scale (default: the task's)")
-    parser.add_argument("--momentum", type=_float, default=0.9, help="SGD momentum, shared by SGD, K-FAC and KLD-WRM")
+    parser.add_argument("--momentum", type=_float, default=0.9, help="momentum of the SGD baseline (default 0.9)")
+    parser.add_argument("--kfac-momentum", type=_float, default=0.0,
+                        help="momentum of the K-FAC methods and KLD-WRM (default 0, as in the papers)")
     parser.add_argument("--weight-decay", type=_float, default=0.0, help="weight decay, added after preconditioning")
     parser.add_argument("--kfac-opt", type=_key_value, action="append", metavar="KEY=VALUE",
                         help="extra KFACPreconditioner keyword (repeatable), e.g. damping=0.01 rank=64")

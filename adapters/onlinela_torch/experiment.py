@@ -1,14 +1,15 @@
 """Tasks, the optimizer registry, the training loop and checkpoints of the ``onlinela`` command.
 
-The registry holds two baselines (SGD with momentum, Adam) and, when they can
-be imported, every method of :class:`onlinela_torch.KFACPreconditioner` and the
-KLD-WRM variants of :class:`onlinela_torch.KLDWRM`; nothing here implements a
+The registry holds two baselines (SGD with momentum, Adam) and, when
+:mod:`onlinela_torch` exports them, the K-FAC-family optimizer classes
+(:class:`~onlinela_torch.KFAC`, :class:`~onlinela_torch.RSKFAC`, ...) and the
+KLD-WRM variants of :class:`~onlinela_torch.KLDWRM`; nothing here implements a
 curvature method.  Every optimizer is driven the same way::
 
     loss.backward(); stepper.step(closure); stepper.zero_grad()
 
-where :class:`Stepper` calls the preconditioner (or KLD-WRM) ``step`` before
-the torch optimizer's, as their contracts require.
+where :class:`Stepper` runs a gradient rewriter (KLD-WRM) before the torch
+optimizer's ``step``, as its contract requires.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ __all__ = [
     "train",
 ]
 
-#: The K-FAC family as named in the architecture's API contract; a method is
-#: offered when ``onlinela_torch.KFACPreconditioner`` can be imported.
+#: The K-FAC family as named in the architecture's API contract (the order of
+#: the registry); a method is offered when its optimizer class is exported.
 KFAC_METHODS: tuple[str, ...] = ("kfac", "rs-kfac", "sre-kfac", "nystrom-kfac", "b-kfac", "br-kfac", "b-kfac-c")
-#: KLD-WRM variants; offered when ``onlinela_torch.KLDWRM`` can be imported.
+#: KLD-WRM variants; offered when ``onlinela_torch.KLDWRM`` is exported.
 KLDWRM_VARIANTS: tuple[str, ...] = ("so", "q", "qe")
 #: Optimizers that are always available.
 BASELINES: tuple[str, ...] = ("sgd", "adam")
@@ -110,6 +111,11 @@ class Task:
         return self.model == "autoencoder"
 
     @property
+    def is_classifier(self) -> bool:
+        """Whether the model outputs class logits."""
+        return not self.is_autoencoder
+
+    @property
     def metric_name(self) -> str:
         """Name of the metric reported and compared against the targets."""
         return "train_recon_error" if self.is_autoencoder else "test_accuracy"
@@ -117,7 +123,7 @@ class Task:
     @property
     def higher_is_better(self) -> bool:
         """Direction of the metric."""
-        return not self.is_autoencoder
+        return self.is_classifier
 
     def build_model(self, data: Dataset, width: float | None = None) -> nn.Module:
         """A freshly initialised model for ``data`` (seed torch first for reproducibility).
@@ -218,22 +224,33 @@ class OptimizerSpec:
         Default learning rate (used without ``--lr-grid``).
     variant : str
         K-FAC method or KLD-WRM variant; empty for baselines.
+    classification_only : bool
+        Needs a classifier's logits (KLD-WRM's KL terms).
     """
 
     name: str
     family: str
     lr: float
     variant: str = ""
+    classification_only: bool = False
 
 
-def _onlinela_torch_attr(name: str) -> Any:
-    """``onlinela_torch.<name>`` if it can be imported, else None (feature detection)."""
+def _exported() -> dict[str, Any]:
+    """The public names of :mod:`onlinela_torch` (feature detection of the K-FAC family)."""
     import onlinela_torch
 
-    try:
-        return getattr(onlinela_torch, name)
-    except AttributeError:
-        return None
+    return {name: getattr(onlinela_torch, name) for name in onlinela_torch.__all__}
+
+
+def _kfac_optimizer_classes() -> dict[str, type]:
+    """K-FAC-family optimizer classes exported by :mod:`onlinela_torch`, keyed by their ``method``."""
+    classes = {
+        obj.method: obj
+        for obj in _exported().values()
+        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and isinstance(getattr(obj, "method", None), str)
+    }
+    order = {m: i for i, m in enumerate(KFAC_METHODS)}
+    return dict(sorted(classes.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def available_optimizers() -> dict[str, OptimizerSpec]:
@@ -242,17 +259,17 @@ def available_optimizers() -> dict[str, OptimizerSpec]:
     Returns
     -------
     dict of str to OptimizerSpec
-        ``sgd`` and ``adam`` always; the K-FAC methods (``kfac``, ``rs-kfac``,
-        ...) when ``onlinela_torch.KFACPreconditioner`` exists; ``kld-wrm-so``,
-        ``kld-wrm-q``, ``kld-wrm-qe`` when ``onlinela_torch.KLDWRM`` exists.
+        ``sgd`` and ``adam`` always; one entry per K-FAC-family optimizer
+        class that :mod:`onlinela_torch` exports (``kfac``, ``rs-kfac``, ...,
+        named by the class's ``method``); ``kld-wrm-so``, ``kld-wrm-q``,
+        ``kld-wrm-qe`` when ``onlinela_torch.KLDWRM`` exists.
     """
     specs = [OptimizerSpec("sgd", "baseline", 0.03), OptimizerSpec("adam", "baseline", 1e-3)]
-    precond = _onlinela_torch_attr("KFACPreconditioner")
-    if precond is not None:
-        methods = tuple(getattr(precond, "METHODS", KFAC_METHODS))
-        specs += [OptimizerSpec(m, "kfac", 0.03, m) for m in methods]
-    if _onlinela_torch_attr("KLDWRM") is not None:
-        specs += [OptimizerSpec(f"kld-wrm-{v}", "kldwrm", 0.03, v) for v in KLDWRM_VARIANTS]
+    specs += [OptimizerSpec(m, "kfac", 0.1, m) for m in _kfac_optimizer_classes()]
+    kldwrm = _exported().get("KLDWRM")
+    if kldwrm is not None:
+        variants = getattr(kldwrm, "VARIANTS", KLDWRM_VARIANTS)
+        specs += [OptimizerSpec(f"kld-wrm-{v}", "kldwrm", 0.1, v, classification_only=True) for v in variants]
     return {s.name: s for s in specs}
 
 
@@ -269,15 +286,15 @@ def _accepted_kwargs(cls: Callable[..., Any], options: Mapping[str, Any], *, str
 
 
 class Stepper:
-    """A torch optimizer plus, optionally, the curvature object that edits gradients first.
+    """A torch optimizer plus, optionally, a gradient rewriter that runs first.
 
     Parameters
     ----------
     optimizer : torch.optim.Optimizer
-        Applies the (preconditioned) gradient.
+        Applies the step (a K-FAC optimizer class preconditions by itself).
     curvature : object, optional
-        A :class:`~onlinela_torch.KFACPreconditioner` or
-        :class:`~onlinela_torch.KLDWRM`: its ``step`` runs after
+        A gradient rewriter such as :class:`~onlinela_torch.KLDWRM` or
+        :class:`~onlinela_torch.KFACPreconditioner`: its ``step`` runs after
         ``loss.backward()`` and before ``optimizer.step()``.
     """
 
@@ -320,8 +337,9 @@ class Stepper:
             self.curvature.load_state_dict(state["curvature"])
 
     def stats(self) -> Any:
-        """The curvature object's ``stats()`` (or its preconditioner's); None for baselines."""
-        for obj in (self.curvature, getattr(self.curvature, "preconditioner", None)):
+        """The preconditioner's ``stats()``; None for baselines."""
+        owner = self.curvature if self.curvature is not None else self.optimizer
+        for obj in (owner, getattr(owner, "preconditioner", None)):
             if obj is not None and callable(getattr(obj, "stats", None)):
                 return obj.stats()
         return None
@@ -333,15 +351,19 @@ def build_stepper(
     *,
     lr: float,
     momentum: float = 0.9,
+    kfac_momentum: float = 0.0,
     weight_decay: float = 0.0,
     kfac_options: Mapping[str, Any] | None = None,
     task: Task | None = None,
 ) -> Stepper:
     """Build a registered optimizer for ``model``.
 
-    SGD, the K-FAC methods and KLD-WRM share :class:`torch.optim.SGD` with the
-    same ``momentum`` and ``weight_decay`` (added by SGD after
-    preconditioning, as in the papers); Adam uses its defaults.
+    ``sgd`` is :class:`torch.optim.SGD` with ``momentum``; ``adam`` is
+    :class:`torch.optim.Adam`.  A K-FAC method is its exported optimizer class
+    (``KFAC``, ``RSKFAC``, ...: the papers' update rule, weight decay added
+    after preconditioning) with ``kfac_momentum``; a KLD-WRM variant is
+    :class:`~onlinela_torch.KLDWRM` over :class:`torch.optim.SGD` with
+    ``kfac_momentum``.  The papers use momentum 0 for both.
 
     Parameters
     ----------
@@ -350,12 +372,16 @@ def build_stepper(
     model : torch.nn.Module
         The model to train.
     lr : float
-        Learning rate (also given to the preconditioner, whose KL-clip uses it).
-    momentum, weight_decay : float
-        SGD settings.
+        Learning rate (the K-FAC classes' KL clip follows it).
+    momentum : float, default 0.9
+        Momentum of ``sgd``.
+    kfac_momentum : float, default 0.0
+        Momentum of the K-FAC methods and KLD-WRM.
+    weight_decay : float, default 0.0
+        Weight decay of every optimizer.
     kfac_options : Mapping, optional
-        Extra preconditioner keywords (``damping``, ``rank``, ...); an
-        unknown key raises.
+        Extra :class:`~onlinela_torch.KFACPreconditioner` keywords
+        (``damping``, ``rank``, ...); a key it does not accept raises.
     task : Task, optional
         Supplies default preconditioner keywords (:attr:`Task.kfac`).
 
@@ -374,56 +400,50 @@ def build_stepper(
     if name not in specs:
         raise KeyError(f"unknown optimizer {name!r}; available: {', '.join(specs)}")
     spec = specs[name]
-    params = model.parameters()
     if spec.name == "adam":
-        return Stepper(torch.optim.Adam(params, lr=lr, weight_decay=weight_decay))
-    sgd = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if spec.family == "baseline":
-        return Stepper(sgd)
-    cls = _onlinela_torch_attr("KFACPreconditioner")
-    options = {**_accepted_kwargs(cls, dict(task.kfac) if task else {}, strict=False), "lr": lr}
-    options.update(_accepted_kwargs(cls, dict(kfac_options or {}), strict=True))
-    if spec.family == "kfac":
-        return Stepper(sgd, cls(model, method=spec.variant, **options))
-    kld = _onlinela_torch_attr("KLDWRM")
+        return Stepper(torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay))
+    if spec.name == "sgd":
+        return Stepper(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
+    exported = _exported()
+    precond = exported["KFACPreconditioner"]
+    options = _accepted_kwargs(precond, dict(task.kfac) if task else {}, strict=False)
+    options.update(_accepted_kwargs(precond, dict(kfac_options or {}), strict=True))
+    options.pop("lr", None)  # set from `lr` by the optimizer class / read by KLD-WRM from param_groups
     options.pop("method", None)
-    return Stepper(sgd, kld(model, sgd, variant=spec.variant, **_accepted_kwargs(kld, options, strict=False)))
+    if spec.family == "kfac":
+        cls = _kfac_optimizer_classes()[spec.variant]
+        return Stepper(cls(model, lr=lr, momentum=kfac_momentum, weight_decay=weight_decay, **options))
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=kfac_momentum, weight_decay=weight_decay)
+    return Stepper(sgd, exported["KLDWRM"](model, sgd, variant=spec.variant, **options))
 
 
 def phase_seconds(stats: Any) -> dict[str, float]:
-    """Total seconds per phase (statistics, decomposition, preconditioning) in a ``stats()`` result.
+    """Seconds per phase (statistics, decomposition, preconditioning) from a ``stats()`` result.
 
-    Sums every numeric leaf whose key path names a phase (``"statistics"``,
-    ``"decomposition"``, ``"preconditioning"``, or a key starting with one of
-    them such as ``"statistics_s"``) together with seconds or time
-    (``"seconds"``, ``"time"``, a ``_s`` suffix, or a ``seconds`` parent),
-    across layers.
+    Reads :meth:`KFACPreconditioner.stats`'s layout: the run's totals under
+    ``"seconds"`` when present, else the sum of the per-layer
+    ``"layers"[name]["seconds"]``.
 
     Parameters
     ----------
-    stats : object
-        What a preconditioner's ``stats()`` returned (nested mappings).
+    stats : Mapping
+        What a preconditioner's ``stats()`` returned.
 
     Returns
     -------
     dict of str to float
-        Keys ``statistics``, ``decomposition``, ``preconditioning``.
+        Keys ``statistics``, ``decomposition``, ``preconditioning`` (0 where absent).
     """
     totals = dict.fromkeys(_PHASES, 0.0)
-
-    def timed(path: Sequence[str]) -> bool:
-        return any("second" in p or "time" in p or p.endswith("_s") for p in path)
-
-    def walk(obj: Any, path: tuple[str, ...]) -> None:
-        if isinstance(obj, Mapping):
-            for key, value in obj.items():
-                walk(value, (*path, str(key).lower()))
-        elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and timed(path):
-            for phase in _PHASES:
-                if any(p.startswith(phase) for p in path):
-                    totals[phase] += float(obj)
-
-    walk(stats, ())
+    if not isinstance(stats, Mapping):
+        return totals
+    top = stats.get("seconds")
+    if isinstance(top, Mapping):
+        return {p: float(top.get(p, 0.0)) for p in _PHASES}
+    for layer in (stats.get("layers") or {}).values():
+        seconds = layer.get("seconds") if isinstance(layer, Mapping) else None
+        for p in _PHASES:
+            totals[p] += float((seconds or {}).get(p, 0.0))
     return totals
 
 
