@@ -40,8 +40,9 @@ def _kron_reference(G: torch.Tensor, A: torch.Tensor, X: torch.Tensor, lam: floa
     if convention == "product":
         K = torch.kron(A, G) + lam * gmax * amax * torch.eye(A.shape[0] * G.shape[0], dtype=A.dtype)
         return torch.linalg.solve(K, X.T.reshape(-1)).reshape(A.shape[0], G.shape[0]).T
-    iG = torch.linalg.inv(G + lam * gmax * torch.eye(G.shape[0], dtype=G.dtype))
-    iA = torch.linalg.inv(A + lam * amax * torch.eye(A.shape[0], dtype=A.dtype))
+    # per-factor: mu_X = sqrt(lam) * max eig X (the same floor lam * max A * max G as the product convention)
+    iG = torch.linalg.inv(G + lam**0.5 * gmax * torch.eye(G.shape[0], dtype=G.dtype))
+    iA = torch.linalg.inv(A + lam**0.5 * amax * torch.eye(A.shape[0], dtype=A.dtype))
     return iG @ X @ iA
 
 

@@ -25,7 +25,7 @@ def _single_thread():
     torch.set_num_threads(n)
 
 STEPS, BATCH, LR = 60, 16, 0.05
-OPTS = dict(factor_update_freq=2, inv_update_freq=6, rank=12, oversample=4, n_iter=2, damping=0.03, kl_clip=1e-2)
+OPTS = dict(factor_update_freq=2, inv_update_freq=6, rank=12, oversample=4, n_iter=2, damping=3e-3, kl_clip=1e-2)
 
 
 def _regression():

@@ -85,7 +85,8 @@ class RankPolicy(abc.ABC):
         errors : list of float
             ``λ_r / λ_1`` of the previous decompositions, oldest first.
         damping : float
-            The relative damping ``λ`` (``μ = λ λ_1``).
+            The factor's relative damping (``μ = damping · λ_1``; ``√λ`` of the
+            preconditioner's ``λ``).
         """
 
     @property
@@ -177,7 +178,7 @@ class ErrorTargetRank(RankPolicy):
     Dropping the eigenvalues after the ``r``-th changes ``(M + μI)⁻¹`` by at
     most ``λ_{r+1} / (μ(μ + λ_{r+1}))`` in spectral norm (algorithms.md §2);
     relative to ``‖(M+μI)⁻¹‖ ≤ 1/μ`` that is ``e_r = λ_{r+1} / (μ + λ_{r+1})``
-    with ``μ = λ λ_1``.  From the previous decomposition's eigenvalues the next
+    with ``μ`` the factor's damping (``√λ · λ_1`` for the preconditioner's ``λ``).  From the previous decomposition's eigenvalues the next
     rank is the smallest ``r`` with ``e_r ≤ tol`` (``λ_{r+1}`` read off the
     computed eigenvalues), or ``ceil(growth · r)`` when even the smallest
     computed eigenvalue misses the target (the tail is then unknown).
@@ -374,7 +375,7 @@ class FactorState(abc.ABC):
         correct : bool
             Follow with a Rayleigh–Ritz correction (B-KFAC-c).
         damping : float
-            Relative damping ``λ`` (for the rank policy).
+            The factor's relative damping ``μ/λ_1`` (for the rank policy).
         step : int
             For the rank policy and log messages.
 

@@ -197,7 +197,9 @@ class KFACPreconditioner:
         The bundled optimizers pass their current ``param_groups[0]["lr"]``.
     damping : float > 0 or callable of the step
         Relative damping ``λ``.  Product convention: ``λ' = λ · max eig G · max eig A``;
-        per-factor convention: ``μ_X = λ · max eig X``.
+        per-factor convention: ``μ_X = √λ · max eig X`` (the same floor
+        ``λ · max eig A · max eig G`` under the damped Kronecker product, so
+        methods compare at one ``λ``; the papers' per-factor ``λ_f`` is ``damping = λ_f²``).
     factor_decay : float in (0, 1)
         ``ρ`` of the exponential averages.
     factor_update_freq, inv_update_freq : int >= 1 or callable of the step
@@ -615,12 +617,12 @@ class KFACPreconditioner:
             if plan.brand:
                 for f, s in ((layer.A, a_scale), (layer.G, gs)):
                     if f is not None:
-                        f.update_brand(s, correct=plan.correct, damping=lam, step=k)
+                        f.update_brand(s, correct=plan.correct, damping=math.sqrt(lam), step=k)
             self._add_seconds(layer, "decomposition", self._timer() - t1)
         t0 = self._timer()
         for _, f in layer.factors():
             f.discard_pending()
-            f.refresh(decompose=plan.decompose, overwrite=plan.overwrite, damping=lam, step=k)
+            f.refresh(decompose=plan.decompose, overwrite=plan.overwrite, damping=math.sqrt(lam), step=k)
         self._add_seconds(layer, "decomposition", self._timer() - t0)
 
     def _precondition_step(self, k: int, lam: float) -> bool:
@@ -711,8 +713,9 @@ class KFACPreconditioner:
         """``[(G+μ_G)⁻¹ Goᵀ] [(A+μ_A)⁻¹ Āᵀ]ᵀ``: solves ``O((d_in+d_out) r n)``, product ``O(d_in d_out n)``."""
         Ab = torch.cat(layer.thin_a, 0).to(self.inv_dtype)
         Go = torch.cat([layer.thin_g[i] for i in range(len(layer.thin_a))], 0).to(self.inv_dtype)
-        L = damped_solve(eG, Go.T, lam * eG.max_eig, self.complement)
-        R = damped_solve(eA, Ab.T, lam * eA.max_eig, self.complement)
+        mu = math.sqrt(lam)
+        L = damped_solve(eG, Go.T, mu * eG.max_eig, self.complement)
+        R = damped_solve(eA, Ab.T, mu * eA.max_eig, self.complement)
         return L @ R.T
 
     def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: float | None = None) -> dict[str, torch.Tensor]:
@@ -860,15 +863,18 @@ def apply_inverse(
       the eigenvector ``u_i v_jᵀ`` of ``A ⊗ G`` is divided by ``g_i a_j + λ'``,
       ``V = U_G[(U_Gᵀ X U_A) ⊘ (g aᵀ + λ')]U_Aᵀ`` for full-rank factors (the
       K-FAC baseline), plus the three complement blocks otherwise.
-    * ``"factor"``: ``(G + μ_G I)⁻¹ X (A + μ_A I)⁻¹`` with ``μ = λ · max eig``,
-      each side by :func:`damped_solve`.
+    * ``"factor"``: ``(G + μ_G I)⁻¹ X (A + μ_A I)⁻¹`` with ``μ_X = √λ · max eig X``,
+      each side by :func:`damped_solve`.  The square root gives the damped
+      product ``(A + μ_A I) ⊗ (G + μ_G I)`` the same floor ``λ · max eig A · max eig G``
+      as the product convention, so one ``λ`` means the same strength in both.
 
     Cost ``O(d_G d_A (r_G + r_A))``.  Computed in the factors' dtype; returned in ``X``'s.
     """
     Xi = X.to(G.approx.dtype)
     if convention == "factor":
-        V = damped_solve(G, Xi, damping * G.max_eig, complement)
-        return damped_solve(A, V, damping * A.max_eig, complement, side="right").to(X.dtype)
+        rel = math.sqrt(damping)
+        V = damped_solve(G, Xi, rel * G.max_eig, complement)
+        return damped_solve(A, V, rel * A.max_eig, complement, side="right").to(X.dtype)
     lam = damping * G.max_eig * A.max_eig
     UG, dG, UA, dA = G.approx.eigvecs, G.approx.eigvals, A.approx.eigvecs, A.approx.eigvals
     P = UG.T @ Xi  # (r_G, d_A)
