@@ -1,6 +1,7 @@
 """onlinela_torch: PyTorch adapters for the K-FAC family built on :mod:`onlinela`."""
 
 from .factors import AdaptiveRank, ErrorTargetRank, FactorEigen, FactorState, RankPolicy
+from .kldwrm import KLDWRM, KLDWRMConfig
 from .optimizers import BKFAC, BKFACC, BRKFAC, KFAC, RSKFAC, SREKFAC, NystromKFAC
 from .preconditioner import BrandConfig, KFACLayer, KFACPreconditioner, apply_inverse, damped_solve
 
@@ -16,6 +17,8 @@ __all__: list[str] = [
     "KFAC",
     "KFACLayer",
     "KFACPreconditioner",
+    "KLDWRM",
+    "KLDWRMConfig",
     "NystromKFAC",
     "RSKFAC",
     "RankPolicy",
