@@ -1,0 +1,264 @@
+"""Data-parallel K-FAC (onlinela_torch.distributed) on 2 gloo processes on CPU.
+
+One spawned 2-rank group runs every scenario (a process group costs seconds
+to start); the workers write their results to files that the tests compare
+with single-process runs on the same global batch.  Every collective has a
+60 s timeout, so a mismatch across ranks fails instead of hanging.
+
+Tolerance: everything in float64; the 2-rank run differs from the 1-rank run
+only in summation order (a Gram of two halves, mirrored upper triangles), so
+parameters agree to ``atol = 1e-9`` after 6 steps (measured: ~5e-12 for
+``kfac``, ~5e-15 for the others; in float32 the same runs differ by ~2e-4,
+round-off amplified by the small damping and momentum).
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+from torch import nn  # noqa: E402
+
+from onlinela_torch import KFACPreconditioner  # noqa: E402
+from onlinela_torch.distributed import (  # noqa: E402
+    AssignmentPolicy,
+    DistributedKFACPreconditioner,
+    GreedyAssignment,
+    WorkItem,
+    decomposition_cost,
+    distribute,
+    spawn,
+)
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"),
+]
+
+METHODS = ("kfac", "rs-kfac", "b-kfac")
+STEPS, BATCH, HALF = 6, 16, 3
+OPTIONS = dict(
+    factor_dtype=torch.float64, inv_dtype=torch.float64, rank=8, oversample=4, n_iter=2,
+    factor_update_freq=1, inv_update_freq=2, damping=1e-2, kl_clip=None,
+)
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)  # r + s = 8 + 16 < d for the two hidden layers: Brand-eligible
+    return nn.Sequential(nn.Linear(60, 80), nn.Tanh(), nn.Linear(80, 40), nn.Tanh(), nn.Linear(40, 4)).double()
+
+
+def _batches() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    f64 = dict(generator=g, dtype=torch.float64)
+    return torch.randn(STEPS, BATCH, 60, **f64), torch.randn(STEPS, BATCH, 4, **f64)
+
+
+def _run(model, precond, opt, steps, shard=slice(None), forward=None):
+    xs, ys = _batches()
+    forward = forward or model
+    for k in steps:
+        opt.zero_grad()
+        nn.functional.mse_loss(forward(xs[k][shard]), ys[k][shard]).backward()
+        precond.step()
+        opt.step()
+
+
+def _params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def _single(method, steps=range(STEPS), state=None):
+    """The 1-process reference on the full batch, optionally resumed from ``state``."""
+    model = _model()
+    precond = KFACPreconditioner(model, method=method, **OPTIONS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        precond.load_state_dict(state["preconditioner"])
+    _run(model, precond, opt, steps)
+    return model, precond, opt
+
+
+def _checkpoint(model, opt, precond) -> dict:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "preconditioner": precond.state_dict()}
+
+
+class _AllOnLast(AssignmentPolicy):
+    def assign(self, items, loads):
+        return [len(loads) - 1] * len(items)
+
+
+def _expect_error(build) -> str:
+    try:
+        build()
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return ""
+
+
+def _worker(out: str) -> None:
+    torch.set_num_threads(1)  # 2 processes on 2 cores
+    out_dir = pathlib.Path(out)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    res: dict = {}
+    for method in METHODS:  # without DDP: the preconditioner averages the gradients
+        model = _model()
+        precond = DistributedKFACPreconditioner(model, method=method, **OPTIONS)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        _run(model, precond, opt, range(HALF), shard)
+        if method == "b-kfac" and rank == 0:
+            torch.save(_checkpoint(model, opt, precond), out_dir / "two_ranks_half.pt")
+        _run(model, precond, opt, range(HALF, STEPS), shard)
+        res[method] = {"params": _params(model), "stats": precond.stats()["distributed"]}
+    # DDP, with the preconditioner of an existing object made distributed (the CLI's way)
+    model = _model()
+    precond = distribute(KFACPreconditioner(model, method="rs-kfac", **OPTIONS), average_gradients=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _run(model, precond, opt, range(STEPS), shard, forward=ddp)
+    res["ddp"] = {"params": _params(model), "stats": precond.stats()["distributed"]}
+    # resume a 1-process checkpoint on 2 ranks
+    state = torch.load(out_dir / "one_rank_half.pt", weights_only=False)
+    model = _model()
+    model.load_state_dict(state["model"])
+    ddp = nn.parallel.DistributedDataParallel(model)
+    precond = DistributedKFACPreconditioner(ddp, method="b-kfac", **OPTIONS)  # unwraps .module
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.load_state_dict(state["optimizer"])
+    precond.load_state_dict(state["preconditioner"])
+    _run(model, precond, opt, range(HALF, STEPS), shard, forward=ddp)
+    res["resumed"] = {"params": _params(model)}
+    # a custom assignment policy: every layer on the last rank
+    model = _model()
+    precond = DistributedKFACPreconditioner(model, method="kfac", assignment=_AllOnLast(), **OPTIONS)
+    _run(model, precond, torch.optim.SGD(model.parameters(), lr=0.1), range(HALF), shard)
+    res["all_on_last"] = precond.stats()["distributed"]
+    # mismatched configurations fail on every rank, without a hang
+    res["bad_method"] = _expect_error(
+        lambda: DistributedKFACPreconditioner(_model(), method="kfac" if rank == 0 else "rs-kfac", **OPTIONS)
+    )
+    res["bad_layers"] = _expect_error(
+        lambda: DistributedKFACPreconditioner(_model(), skip_layers=["4"] if rank else [], **OPTIONS)
+    )
+
+    def skipped_layer():
+        model = _model()
+        precond = DistributedKFACPreconditioner(model, **OPTIONS)
+        if rank == 1:
+            model[4].eval()  # no statistics captured for layer "4" on rank 1
+        _run(model, precond, torch.optim.SGD(model.parameters(), lr=0.1), range(1), shard)
+
+    res["bad_capture"] = _expect_error(skipped_layer)
+    torch.save(res, out_dir / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Run the 2-rank worker once; its results for each rank, plus the 1-rank half-way checkpoint."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("dist")
+    model, precond, opt = _single("b-kfac", range(HALF))
+    torch.save(_checkpoint(model, opt, precond), out / "one_rank_half.pt")
+    spawn(_worker, 2, (str(out),), timeout=TIMEOUT)
+    return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_ranks_match_one_rank_on_the_same_global_batch(two_ranks, method):
+    _, res = two_ranks
+    ref = _params(_single(method)[0])
+    torch.testing.assert_close(res[0][method]["params"], ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(res[0][method]["params"], res[1][method]["params"], rtol=0, atol=0)
+
+
+def test_ddp_wrapped_model_matches_one_rank(two_ranks):
+    _, res = two_ranks
+    ref = _params(_single("rs-kfac")[0])
+    torch.testing.assert_close(res[0]["ddp"]["params"], ref, rtol=0, atol=1e-9)
+    assert res[0]["ddp"]["stats"]["bytes_total"]["gradients"] == 0  # DDP averaged them
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_decompositions_are_split_across_ranks(two_ranks, method):
+    _, res = two_ranks
+    s0, s1 = res[0][method]["stats"], res[1][method]["stats"]
+    assert s0["owners"] == s1["owners"] and set(s0["owners"].values()) == {0, 1}
+    assert s0["decompositions"] > 0 and s1["decompositions"] > 0
+    assert s0["received"] == s1["decompositions"] and s1["received"] == s0["decompositions"]
+    # the 1-rank run computes exactly the union: one snapshot per factor per update
+    ref = _single(method)[1]
+    total = sum(1 for layer in ref.layers.values() for _ in layer.factors())
+    per_factor = STEPS if method == "b-kfac" else STEPS // 2  # Brand-updated every step vs T_inv = 2
+    if method != "b-kfac":
+        assert s0["decompositions"] + s1["decompositions"] == total * per_factor
+    else:
+        assert s0["decompositions"] + s1["decompositions"] <= total * per_factor
+    assert s0["bytes_total"]["statistics"] > 0 and s0["bytes_total"]["decompositions"] > 0
+    if method == "b-kfac":
+        assert s0["bytes_total"]["brand_rows"] > 0
+
+
+def test_pluggable_assignment_policy(two_ranks):
+    _, res = two_ranks
+    s0, s1 = res[0]["all_on_last"], res[1]["all_on_last"]
+    assert set(s0["owners"].values()) == {1}
+    assert s0["decompositions"] == 0 and s1["decompositions"] > 0 and s0["received"] == s1["decompositions"]
+
+
+def test_resume_on_a_different_world_size(two_ranks):
+    out, res = two_ranks
+    # 1 process -> 2 ranks: continues like the uninterrupted 1-process run
+    ref = _params(_single("b-kfac")[0])
+    torch.testing.assert_close(res[0]["resumed"]["params"], ref, rtol=0, atol=1e-9)
+    # 2 ranks -> 1 process: rank 0's checkpoint continues like the uninterrupted 2-rank run
+    state = torch.load(out / "two_ranks_half.pt", weights_only=False)
+    resumed = _params(_single("b-kfac", range(HALF, STEPS), state)[0])
+    torch.testing.assert_close(resumed, res[0]["b-kfac"]["params"], rtol=0, atol=1e-9)
+
+
+def test_mismatched_configuration_is_a_clear_error_on_every_rank(two_ranks):
+    _, res = two_ranks
+    for r in range(2):
+        assert "configured differently" in res[r]["bad_method"] and "method" in res[r]["bad_method"]
+        assert "configured differently" in res[r]["bad_layers"] and "layers" in res[r]["bad_layers"]
+        assert "ranks disagree" in res[r]["bad_capture"] and "'4'" not in res[r]["bad_capture"]
+        assert "4: kinds/dims" in res[r]["bad_capture"]
+
+
+# ------------------------------------------------------------------ no process group needed
+def test_greedy_assignment_is_longest_processing_time_first():
+    items = [WorkItem(str(i), c) for i, c in enumerate([1.0, 8.0, 3.0, 5.0, 4.0])]
+    owners = GreedyAssignment().assign(items, [0.0, 0.0])
+    loads = [sum(it.cost for it, o in zip(items, owners) if o == p) for p in (0, 1)]
+    assert owners[1] == 0 and owners[3] == 1 and sorted(loads) == [10.0, 11.0]
+    assert GreedyAssignment().assign(items[:1], [5.0, 0.0]) == [1]  # existing loads count
+
+
+def test_decomposition_cost_follows_the_factor_kind():
+    model = _model()
+    costs = {}
+    for method in ("kfac", "rs-kfac", "b-kfac"):
+        precond = KFACPreconditioner(model, method=method, **OPTIONS)
+        _run(model, precond, torch.optim.SGD(model.parameters(), lr=0.0), range(1))
+        f = precond.layers["0"].A  # d = 61
+        costs[method] = decomposition_cost(f, BATCH, oversample=4, n_iter=2)
+        precond.remove_hooks()
+    assert costs["kfac"] == 61.0**3
+    assert costs["rs-kfac"] == 61.0**2 * (8 + 4) * 3
+    assert costs["b-kfac"] == 61.0 * (8 + BATCH) ** 2
+
+
+def test_without_a_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DistributedKFACPreconditioner(_model())
+    precond = KFACPreconditioner(_model())
+    assert distribute(precond) is precond and type(precond) is KFACPreconditioner
