@@ -30,14 +30,15 @@ from typing import Any
 
 import torch
 
+from . import distributed as dp
 from . import experiment as ex
 from .data import DataError, Dataset, load_dataset
 
 logger = logging.getLogger("onlinela_torch")
 
 DEFAULT_LR_GRID = (0.1, 0.01, 0.001)
-#: ``onlinela demo``: the MNIST autoencoder proxy, every optimizer, one seed.
-DEMO_DEFAULTS = {"task": "mnist-autoencoder", "epochs": 6, "probe_epochs": 0.5, "seeds": [0], "out": "out/demo"}
+#: ``onlinela demo``: the MNIST MLP on the bundled subset, every optimizer, one seed, one thread.
+DEMO_DEFAULTS = {"task": "mnist-mlp", "epochs": 5, "probe_epochs": 1.0, "threads": 1, "out": "out/demo"}
 
 
 class CLIError(Exception):
@@ -356,6 +357,11 @@ def _plot_compare(path: pathlib.Path, task: ex.Task, targets: Sequence[float], r
         ax.grid(alpha=0.3)
     if not task.higher_is_better:
         axes[0].set_yscale("log")
+    else:  # zoom past the untrained model's chance level
+        later = [h["metric"] for r in results.values() for run in r["runs"] for h in run["history"]
+                 if h["epoch"] > 0 and math.isfinite(h["metric"])]
+        if later:
+            axes[0].set_ylim(bottom=max(0.0, min(later) - 5.0))
     axes[0].set_ylabel(task.metric_name)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"onlinela compare: {task.name}")
@@ -369,6 +375,9 @@ _RESUME_KEYS = ("task", "optimizer", "lr", "seed", "batch_size", "width", "momen
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and not dp.distributed_active():
+        return _spawn_train(args)
+    _join_torchrun(args)
     task = _task(args)
     name = _optimizer_names([args.optimizer], task)[0]
     if args.resume and not args.checkpoint:
@@ -384,6 +393,8 @@ def _train(args: argparse.Namespace) -> int:
               "weight_decay": args.weight_decay,
               "kfac_options": _kfac_options(args)}
     model, stepper = _build(args, task, data, name, lr, args.seed)
+    net = _data_parallel(model, stepper, batch) if dp.distributed_active() else model
+    main_rank = not dp.distributed_active() or torch.distributed.get_rank() == 0
     history = None
     if args.resume:
         try:
@@ -402,13 +413,15 @@ def _train(args: argparse.Namespace) -> int:
         rec = hist[-1]
         logger.info("epoch %d: %.1f s, loss %.4g, %s %.4g", epoch, rec["seconds"], rec["train_loss"],
                     task.metric_name, rec["metric"])
-        if args.checkpoint:
+        if args.checkpoint and main_rank:  # every rank holds the same state
             ex.save_checkpoint(args.checkpoint, model=model, stepper=stepper, history=hist, config=config)
 
     start = int(history[-1]["epoch"]) if history else 0
     with _progress(args, max(0, epochs - start), f"{name} on {task.name}") as bar:
-        result = ex.train(task, data, model, stepper, epochs=epochs, batch_size=batch, seed=args.seed,
+        result = ex.train(task, data, net, stepper, epochs=epochs, batch_size=batch, seed=args.seed,
                           history=history, on_epoch=on_epoch, progress=bar)
+    if not main_rank:
+        return 1 if result.diverged else 0
     out = _out_dir(args)
     _write_json(out / "train.json", {
         "command": "train", "config": config, "metric": task.metric_name, "diverged": result.diverged,
@@ -420,6 +433,55 @@ def _train(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{name} on {task.name}: epoch {last['epoch']}, {task.metric_name} {last['metric']:.4g}{status}, "
                      f"{last['seconds']:.1f} s training; wrote {out / 'train.json'}\n")
     return 1 if result.diverged else 0
+
+
+def _spawn_train(args: argparse.Namespace) -> int:
+    """``--nproc N``: ``_train`` in N local processes (gloo on CPU, nccl with one GPU each)."""
+    cuda = _device(args.device).type == "cuda"
+    try:
+        dp.spawn(_train_rank, args.nproc, (args,), backend="nccl" if cuda else "gloo")
+    except torch.multiprocessing.ProcessExitedException as exc:
+        return exc.exit_code
+    return 0
+
+
+def _train_rank(args: argparse.Namespace) -> int:
+    """One spawned rank: logging and progress on rank 0 only, a fair share of the CPU threads, its own GPU."""
+    rank = torch.distributed.get_rank()
+    args.quiet = args.quiet or rank > 0
+    _configure_logging(logging.DEBUG if args.verbose and not rank else logging.WARNING if args.quiet else logging.INFO)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
+    if _device(args.device).type == "cuda":
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    try:
+        return _train(args)
+    except (CLIError, DataError) as exc:
+        sys.stderr.write(f"onlinela train (rank {rank}): error: {exc}\n")
+        return 2
+
+
+def _join_torchrun(args: argparse.Namespace) -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join its process group, one GPU per local rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return
+    cuda = _device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        args.device = f"cuda:{torch.cuda.current_device()}"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+
+
+def _data_parallel(model: torch.nn.Module, stepper: ex.Stepper, batch: int) -> torch.nn.Module:
+    """DDP over ``model``; its K-FAC preconditioner made distributed (DDP averages the gradients)."""
+    world = torch.distributed.get_world_size()
+    if batch % world:
+        raise CLIError(f"--batch-size {batch} must be a multiple of the {world} processes")
+    if stepper.curvature is not None:
+        raise CLIError("KLD-WRM optimizers do not run data-parallel")
+    precond = getattr(stepper.optimizer, "preconditioner", None)
+    if precond is not None:
+        dp.distribute(precond, average_gradients=False)
+    return torch.nn.parallel.DistributedDataParallel(model)
 
 
 # ------------------------------------------------------------------ spectrum
@@ -510,7 +572,9 @@ def _plot_spectrum(path: pathlib.Path, task: ex.Task, spectra: list[dict[str, An
 
 
 # --------------------------------------------------------------------- parser
-def _common(parser: argparse.ArgumentParser, *, default_task: str, default_out: str) -> None:
+def _common(
+    parser: argparse.ArgumentParser, *, default_task: str, default_out: str, default_threads: int | None = None
+) -> None:
     parser.add_argument("--task", choices=sorted(ex.TASKS), default=default_task,
                         help=f"benchmark (default {default_task}): "
                              + "; ".join(f"{t.name}: {t.description}" for t in ex.TASKS.values()))
@@ -526,6 +590,9 @@ def _common(parser: argparse.ArgumentParser, *, default_task: str, default_out: 
     parser.add_argument("--kfac-opt", type=_key_value, action="append", metavar="KEY=VALUE",
                         help="extra KFACPreconditioner keyword (repeatable), e.g. damping=0.01 rank=64")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=default_threads,
+                        help="torch intra-op CPU threads (default: " + (f"{default_threads})" if default_threads else
+                                                                        "torch's choice)"))
     parser.add_argument("--out", default=default_out, help=f"output directory (default {default_out})")
 
 
@@ -541,8 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
                           ("demo", "what `make demo` runs: compare with a few-minute budget")):
         p = sub.add_parser(cmd, help=helptext, description=helptext)
         demo = cmd == "demo"
-        _common(p, default_task=DEMO_DEFAULTS["task"] if demo else "mnist-autoencoder",
-                default_out=DEMO_DEFAULTS["out"] if demo else "out/compare")
+        _common(p, default_task=DEMO_DEFAULTS["task"] if demo else "mnist-mlp",
+                default_out=DEMO_DEFAULTS["out"] if demo else "out/compare",
+                default_threads=DEMO_DEFAULTS["threads"] if demo else None)
         p.add_argument("--optimizers", type=_list_of(str), help="comma-separated names, or all (default all available)")
         p.add_argument("--epochs", type=_positive_int, default=DEMO_DEFAULTS["epochs"] if demo else None,
                        help="epochs per run (default: the task's)")
@@ -565,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--checkpoint", help="checkpoint file, written after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA; see docs/distributed.rst)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("spectrum", help="eigenvalue decay of EA K-factors at several widths vs the bound",
@@ -616,6 +686,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse has printed its message
         return int(exc.code or 0)
     _configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except (CLIError, DataError) as exc:
