@@ -437,6 +437,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _spawn_train(args: argparse.Namespace) -> int:
     """``--nproc N``: ``_train`` in N local processes (gloo on CPU, nccl with one GPU each)."""
+    batch = args.batch_size or _task(args).batch_size
+    if batch % args.nproc:
+        raise CLIError(f"--batch-size {batch} must be a multiple of --nproc {args.nproc}")
     cuda = _device(args.device).type == "cuda"
     try:
         dp.spawn(_train_rank, args.nproc, (args,), backend="nccl" if cuda else "gloo")
@@ -491,9 +494,12 @@ def _spectrum(args: argparse.Namespace) -> int:
     task = _task(args)
     name = _optimizer_names([args.optimizer], task)[0]
     data = _load(args, task)
-    bound = getattr(onlinela, "ea_eigenvalue_bound", None)
-    if bound is None:
-        logger.warning("onlinela.ea_eigenvalue_bound is not available in this installation: plotting spectra without the bound")
+    bounds = {
+        key: getattr(onlinela, fn, None)
+        for key, fn in (("weyl", "ea_eigenvalue_bound"), ("stream", "ea_stream_eigenvalue_bound"))
+    }
+    if not any(bounds.values()):
+        logger.warning("onlinela has no EA eigenvalue bound in this installation: plotting spectra without it")
     batch = args.batch_size or task.batch_size
     lr = args.lr or ex.available_optimizers()[name].lr
     out = _out_dir(args)
@@ -512,29 +518,48 @@ def _spectrum(args: argparse.Namespace) -> int:
         recorder.remove()
         for key in ("A", "G"):
             eig = recorder.eigenvalues(key)
+            inc = recorder.increments[key]
             entry = {
                 "width": width, "factor": key, "layer": f"{args.layer}: {layer.in_features}->{layer.out_features}",
-                "dim": int(eig.numel()), "steps": recorder.steps[key], "decay": args.decay,
-                "increment_rank": recorder.increment_rank, "increment_norm": recorder.increment_norm[key],
-                "eigenvalues": eig.tolist(),
-                "modes_above": {str(eps): int((eig > eps * eig[0]).sum()) for eps in args.eps},
+                "dim": int(eig.numel()), "steps": len(inc["norms"]), "decay": args.decay,
+                "increment_rank": max(inc["ranks"]), "increment_norm": max(inc["norms"]),
+                "eigenvalues": eig.tolist(), "increments": inc,
             }
-            if bound is not None:
-                entry["bound"] = [
-                    float(bound(j, decay=args.decay, increment_rank=recorder.increment_rank,
-                                increment_norm=recorder.increment_norm[key]))
-                    for j in range(1, eig.numel() + 1)
+            js = range(1, eig.numel() + 1)
+            if bounds["weyl"] is not None:
+                entry["bound"] = [float(bounds["weyl"](j, decay=args.decay, increment_rank=entry["increment_rank"],
+                                                       increment_norm=entry["increment_norm"], steps=entry["steps"]))
+                                  for j in js]
+            if bounds["stream"] is not None:
+                entry["stream_bound"] = [
+                    float(bounds["stream"](j, decay=args.decay, increment_norms=inc["norms"],
+                                           increment_ranks=inc["ranks"], increment_traces=inc["traces"]))
+                    for j in js
                 ]
+            lam1 = float(eig[0])
+            entry["modes_above"] = {
+                str(eps): {kind: int(sum(v > eps * lam1 for v in entry[field]))
+                           for kind, field in (("measured", "eigenvalues"), ("bound", "bound"),
+                                               ("stream_bound", "stream_bound")) if field in entry}
+                for eps in args.eps
+            }
             spectra.append(entry)
     _write_json(out / "spectrum.json", {
         "command": "spectrum", "task": task.name, "optimizer": name, "lr": lr, "epochs": args.epochs,
-        "batch_size": batch, "bound_available": bound is not None, "spectra": spectra,
+        "batch_size": batch, "bounds_available": {k: v is not None for k, v in bounds.items()}, "spectra": spectra,
         "environment": _environment(data.x_train.device),
     })
     _plot_spectrum(out / "spectrum.png", task, spectra)
-    head = ["width", "factor", "dim", "lambda_1", "K", *(f"modes > {eps:g}·lambda_1" for eps in args.eps)]
-    rows = [[f"{s['width']:g}", s["factor"], str(s["dim"]), f"{s['eigenvalues'][0]:.3g}", f"{s['increment_norm']:.3g}",
-             *(str(s["modes_above"][str(eps)]) for eps in args.eps)] for s in spectra]
+    head = ["width", "factor", "dim", "steps", "lambda_1", "K"]
+    head += [f"modes > {eps:g}·lambda_1 (measured / stream bound / bound)" for eps in args.eps]
+    rows = []
+    for sp in spectra:
+        row = [f"{sp['width']:g}", sp["factor"], str(sp["dim"]), str(sp["steps"]), f"{sp['eigenvalues'][0]:.3g}",
+               f"{sp['increment_norm']:.3g}"]
+        for eps in args.eps:
+            counts = sp["modes_above"][str(eps)]
+            row.append(" / ".join(str(counts.get(k, "-")) for k in ("measured", "stream_bound", "bound")))
+        rows.append(row)
     widths = [max(len(c) for c in col) for col in zip(head, *rows)]
     for line in [head, *rows]:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() + "\n")
@@ -558,9 +583,11 @@ def _plot_spectrum(path: pathlib.Path, task: ex.Task, spectra: list[dict[str, An
             idx = range(1, s["dim"] + 1)
             ax.semilogy(idx, [max(v / lam1, 1e-16) for v in s["eigenvalues"]], color=c,
                         label=f"width {s['width']:g} (d={s['dim']})")
-            if "bound" in s:
-                ax.semilogy(idx, [b / lam1 for b in s["bound"]], color=c, ls="--", lw=0.8)
-        ax.set_title(f"{key}-factor of layer {spectra[0]['layer'].split(':')[0]} (dashed: EA bound)")
+            for field, ls in (("bound", "--"), ("stream_bound", ":")):
+                if field in s:
+                    ax.semilogy(idx, [max(b / lam1, 1e-16) for b in s[field]], color=c, ls=ls, lw=0.9)
+        ax.set_title(f"{key}-factor of layer {spectra[0]['layer'].split(':')[0]} "
+                     "(dashed: Weyl EA bound, dotted: stream bound)", fontsize=9)
         ax.set_xlabel("index j")
         ax.set_ylabel("lambda_j / lambda_1")
         ax.grid(alpha=0.3)
@@ -626,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one optimizer, with checkpoint/resume",
                        description="Train one optimizer on one task; --checkpoint saves after every epoch.")
-    _common(p, default_task="mnist-autoencoder", default_out="out/train")
+    _common(p, default_task="mnist-mlp", default_out="out/train")
     p.add_argument("--optimizer", default="sgd", help="optimizer name (see `onlinela compare --help`)")
     p.add_argument("--lr", type=_positive_float, help="learning rate (default: the optimizer's)")
     p.add_argument("--epochs", type=_positive_int, help="total epochs to reach (default: the task's)")
@@ -640,8 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spectrum", help="eigenvalue decay of EA K-factors at several widths vs the bound",
                        description="Train briefly at several widths, record one Linear layer's EA K-factors "
                                    "with hooks, and plot their spectra against onlinela.ea_eigenvalue_bound.")
-    _common(p, default_task="mnist-autoencoder", default_out="out/spectrum")
-    p.add_argument("--widths", type=_list_of(_positive_float), default=[0.25, 0.5, 1.0], help="model width scales")
+    _common(p, default_task="mnist-mlp", default_out="out/spectrum")
+    p.add_argument("--widths", type=_list_of(_positive_float), default=[0.25, 0.5, 1.0, 2.0],
+                   help="model width scales (default 0.25,0.5,1,2)")
     p.add_argument("--layer", type=int, default=1, help="index of the Linear layer to record (default 1)")
     p.add_argument("--epochs", type=_positive_int, default=1)
     p.add_argument("--optimizer", default="sgd")

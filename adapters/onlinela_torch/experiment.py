@@ -683,12 +683,13 @@ class EAFactorRecorder:
     respect to the layer output (n × d_out, i.e. per-sample gradients divided
     by n).  Every training step adds the increments (§1 of the design notes)
 
-    ``C_A = ābᵀ āb / n`` with ``ā = [a, 1]`` and ``C_G = n · goᵀ go``,
+    ``C_A = āᵀ ā / n`` with ``ā = [a, 1]`` and ``C_G = n · goᵀ go``,
 
-    each of rank ≤ n, as ``M ← ρ M + (1-ρ) C`` starting from ``M = 0``, and
-    keeps the largest increment norm ``K = max ‖C‖₂`` (computed from the thin
-    factor: ``‖XᵀX / n‖₂ = σ_max(X)² / n``).  Those are the quantities of the
-    EA decay bound ``λ_{m·s+1}(M) ≤ ρ^m K`` with ``s = n``.
+    as ``M ← ρ M + (1-ρ) C`` starting from ``M = 0`` (float64), and records
+    per increment its norm ``‖C‖₂`` (from the thin factor:
+    ``‖s XᵀX‖₂ = s σ_max(X)²``), trace ``s ‖X‖_F²`` and rank bound
+    ``min(n, d)`` — the inputs of :func:`onlinela.ea_eigenvalue_bound` and
+    :func:`onlinela.ea_stream_eigenvalue_bound`.
 
     Parameters
     ----------
@@ -696,6 +697,13 @@ class EAFactorRecorder:
         The layer whose factors are recorded.
     decay : float, default 0.95
         EA decay ρ.
+
+    Attributes
+    ----------
+    factors : dict
+        ``"A"`` and ``"G"``: the current EA matrices (None before the first step).
+    increments : dict
+        ``"A"`` and ``"G"``: dicts of lists ``norms``, ``traces``, ``ranks``, oldest first.
     """
 
     def __init__(self, layer: nn.Linear, decay: float = 0.95) -> None:
@@ -703,9 +711,9 @@ class EAFactorRecorder:
             raise ValueError(f"`decay` must satisfy 0 < decay < 1, got {decay}")
         self.decay = decay
         self.factors: dict[str, torch.Tensor | None] = {"A": None, "G": None}
-        self.increment_norm = {"A": 0.0, "G": 0.0}
-        self.increment_rank = 0
-        self.steps = {"A": 0, "G": 0}
+        self.increments: dict[str, dict[str, list[float]]] = {
+            key: {"norms": [], "traces": [], "ranks": []} for key in ("A", "G")
+        }
         self._handles = [
             layer.register_forward_hook(self._forward),
             layer.register_full_backward_hook(self._backward),
@@ -714,12 +722,12 @@ class EAFactorRecorder:
     def _update(self, key: str, rows: torch.Tensor, scale: float) -> None:
         rows = rows.detach().double()
         inc = scale * rows.T @ rows
-        norm = scale * float(torch.linalg.matrix_norm(rows, ord=2)) ** 2
         old = self.factors[key]
         self.factors[key] = (1 - self.decay) * inc if old is None else self.decay * old + (1 - self.decay) * inc
-        self.increment_norm[key] = max(self.increment_norm[key], norm)
-        self.increment_rank = max(self.increment_rank, rows.shape[0])
-        self.steps[key] += 1
+        log = self.increments[key]
+        log["norms"].append(scale * float(torch.linalg.matrix_norm(rows, ord=2)) ** 2)
+        log["traces"].append(scale * float(rows.square().sum()))
+        log["ranks"].append(min(rows.shape))
 
     def _forward(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not module.training:
