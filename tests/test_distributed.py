@@ -262,3 +262,16 @@ def test_without_a_process_group():
         DistributedKFACPreconditioner(_model())
     precond = KFACPreconditioner(_model())
     assert distribute(precond) is precond and type(precond) is KFACPreconditioner
+
+
+def test_cli_train_nproc_checkpoint_resumes_in_one_process(tmp_path, capsys):
+    from onlinela_torch.cli import main
+
+    args = ["-q", "train", "--task", "digits-mlp", "--max-train", "128", "--batch-size", "32", "--optimizer", "kfac",
+            "--checkpoint", str(tmp_path / "c.pt")]
+    assert main([*args, "--epochs", "1", "--nproc", "2", "--out", str(tmp_path / "a")]) == 0
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["stepper"]["optimizer"]["preconditioner"]["steps"] == 4
+    assert main([*args, "--epochs", "2", "--resume", "--out", str(tmp_path / "b")]) == 0
+    assert "epoch 2" in capsys.readouterr().out
+    assert main([*args, "--epochs", "1", "--nproc", "3", "--out", str(tmp_path / "c")]) == 2  # 32 % 3 != 0

@@ -1,5 +1,6 @@
 """onlinela_torch: PyTorch adapters for the K-FAC family built on :mod:`onlinela`."""
 
+from .distributed import AssignmentPolicy, DistributedKFACPreconditioner, GreedyAssignment, distribute
 from .factors import AdaptiveRank, ErrorTargetRank, FactorEigen, FactorState, RankPolicy
 from .kldwrm import KLDWRM, KLDWRMConfig
 from .optimizers import BKFAC, BKFACC, BRKFAC, KFAC, RSKFAC, SREKFAC, NystromKFAC
@@ -7,13 +8,16 @@ from .preconditioner import BrandConfig, KFACLayer, KFACPreconditioner, apply_in
 
 __all__: list[str] = [
     "AdaptiveRank",
+    "AssignmentPolicy",
     "BKFAC",
     "BKFACC",
     "BRKFAC",
     "BrandConfig",
+    "DistributedKFACPreconditioner",
     "ErrorTargetRank",
     "FactorEigen",
     "FactorState",
+    "GreedyAssignment",
     "KFAC",
     "KFACLayer",
     "KFACPreconditioner",
@@ -25,4 +29,5 @@ __all__: list[str] = [
     "SREKFAC",
     "apply_inverse",
     "damped_solve",
+    "distribute",
 ]
