@@ -18,11 +18,15 @@ seeds.  Runs are spread over ``--workers`` processes with one torch thread each.
 
 Usage::
 
-    .venv/bin/python benchmarks/kldwrm_mnist.py              # 15 epochs, seeds 0 1 2 (~6-10 min on 2 cores)
+    .venv/bin/python benchmarks/kldwrm_mnist.py              # 15 epochs, seeds 0 1 2
     .venv/bin/python benchmarks/kldwrm_mnist.py --quick      # 2 epochs, seed 0
+    # QE's kl_weight ablation and the exact-KL / K-FAC-KL diagnostic (docs/kldwrm.rst):
+    .venv/bin/python benchmarks/kldwrm_mnist.py --optimizers kld-wrm-qe --epochs 6 --seeds 0 1 \
+        --qe-kl-weight 1.0 --tag qe_klw1
+    .venv/bin/python benchmarks/kldwrm_mnist.py --optimizers kfac kld-wrm-q --epochs 1 --seeds 0 1 \
+        --kl-ratio-steps 42 --tag klratio
 
-Writes ``benchmarks/results/kldwrm_mnist.json`` and ``kldwrm_mnist.png``
-(``kldwrm_mnist_quick.*`` with ``--quick``).
+Writes ``benchmarks/results/kldwrm_mnist[_quick][_TAG].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -108,6 +112,56 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     return {"optimizer": name, "seed": seed, "history": history, "skipped_steps": skipped}
 
 
+def kl_ratio(name: str, seeds: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    """Exact KL of each step on its batch over its second-order K-FAC estimate, for K-FAC or Q.
+
+    The estimate is ``½ Σ_l tr(S_lᵀ G_l S_l A_l)`` with the debiased EA factors
+    and ``S_l`` the layer's step ``-lr·p.grad``; the exact KL is
+    ``KL(p_θ ‖ p_{θ+s})`` on the batch in eval mode.  Steps ``6 … kl_ratio_steps-1``
+    of each seed (the same data order as training).
+    """
+    torch.set_num_threads(1)
+    data = load_mnist_subset(seed=0)
+    ratios = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = SmallCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.wd)
+        curv = _curvature(name, model, opt, args)
+        pre = curv.preconditioner if isinstance(curv, KLDWRM) else curv
+        n = data.x_train.shape[0]
+        steps_per_epoch = n // args.batch
+        for k in range(args.kl_ratio_steps):
+            epoch, b = divmod(k, steps_per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * seed + epoch + 1))
+            idx = order[b * args.batch : (b + 1) * args.batch]
+            x, y = data.x_train[idx], data.y_train[idx]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            curv.step()
+            with torch.no_grad():
+                steps = [-args.lr * p.grad for p in model.parameters()]
+                predicted = sum(
+                    0.5 * float(torch.trace(S.T @ layer.G.dense() @ S @ layer.A.dense()))
+                    for layer in pre.layers.values()
+                    for S in [-args.lr * layer.helper.grad_matrix()]
+                )
+                model.eval()
+                logp = torch.log_softmax(model(x), -1)
+                for p, s in zip(model.parameters(), steps):
+                    p.add_(s)
+                logq = torch.log_softmax(model(x), -1)
+                for p, s in zip(model.parameters(), steps):
+                    p.sub_(s)
+                model.train()
+                exact = float((logp.exp() * (logp - logq)).sum(-1).mean())
+            if k >= 6:
+                ratios.append(exact / predicted)
+            opt.step()
+    q = statistics.quantiles(ratios, n=4)
+    return {"median": statistics.median(ratios), "quartiles": q, "n": len(ratios), "seeds": seeds}
+
+
 def _run_star(job: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return run_one(*job)
@@ -170,6 +224,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--qe-kl-weight", type=float, default=None, help="QE's KLDWRMConfig.kl_weight (λ = kl_weight/lr; default the config's 0.1)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2 epochs, seed 0 (a smoke run)")
+    parser.add_argument("--tag", default="", help="suffix of the output files (ablations)")
+    parser.add_argument(
+        "--kl-ratio-steps", type=int, default=0,
+        help="run the exact-KL / K-FAC-KL diagnostic of kfac and kld-wrm-q for this many steps (0: skip)",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -195,7 +254,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "summary": summary,
         "runs": runs,
     }
-    stem = "kldwrm_mnist_quick" if args.quick else "kldwrm_mnist"
+    if args.kl_ratio_steps:
+        result["kl_ratio"] = {
+            name: kl_ratio(name, args.seeds[:2], args) for name in ("kfac", "kld-wrm-q") if name in optimizers
+        }
+    stem = "kldwrm_mnist" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     title = (
@@ -206,6 +269,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.info("%-12s %-16s %s", "optimizer", "test acc (%)", "s/epoch")
     for name, s in summary.items():
         logger.info("%-12s %6.2f ± %-7.2f %.2f", name, s["test_acc_mean"], s["test_acc_std"], s["seconds_per_epoch"])
+    for name, r in result.get("kl_ratio", {}).items():
+        logger.info("%s: exact KL / K-FAC second-order KL of the step: median %.1f, quartiles %.1f-%.1f",
+                    name, r["median"], r["quartiles"][0], r["quartiles"][2])
     logger.info("wall %.0f s; wrote %s", wall, args.out / f"{stem}.json")
     return result
 
