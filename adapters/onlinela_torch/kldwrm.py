@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,8 +92,8 @@ class KLDWRMConfig:
         QE: the exact-KL term's weight is ``λ = kl_weight / lr_k`` (0.1).
         ``kl_weight = 1`` is the wake's own weight (then ``(λ/2) symKL ≈
         (1/lr_k) KL`` to second order, Q's regulariser); on MNIST it
-        over-brakes, because the exact KL of a K-FAC step is 20-40 times its
-        second-order K-FAC estimate (docs/kldwrm.rst), so the default is 0.1.
+        over-brakes, because the exact KL of a Q step is typically 10-60 times
+        its second-order K-FAC estimate (docs/kldwrm.rst), so the default is 0.1.
     """
 
     rho: float | None = None
@@ -363,8 +364,9 @@ class KLDWRM:
 
     **Robustness.**  A non-finite gradient skips the step (every ``p.grad``
     becomes None, the KLD-WRM state is untouched); non-finite local statistics
-    are dropped for that step (Q falls back to the EA factors); a non-finite
-    inner loop falls back to the Q step.  All are counted in :meth:`stats`
+    are dropped for that step and a failed decomposition of an augmented
+    factor is skipped (Q falls back to the EA factors); a non-finite inner
+    loop falls back to the Q step.  All are counted in :meth:`stats`
     and logged; the state never holds NaN.
     """
 
@@ -445,7 +447,7 @@ class KLDWRM:
         self._local: dict[str, tuple[_LocalFactor, _LocalFactor]] = {}
         self._pending: dict[str, torch.Tensor] | None = None
         self._counts_now: dict[str, int] = {}
-        self._counters = {"skipped_steps": 0, "local_skipped": 0, "inner_fallbacks": 0}
+        self._counters = {"skipped_steps": 0, "local_skipped": 0, "inner_fallbacks": 0, "augment_failures": 0}
         self._seconds = {"statistics": 0.0, "decomposition": 0.0, "preconditioning": 0.0, "inner": 0.0}
 
     # ================================================================== learning rates
@@ -458,7 +460,8 @@ class KLDWRM:
 
     # ================================================================== local statistics (Q, QE)
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if not (module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        recording = module.training and torch.is_grad_enabled()
+        if not (recording and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         t0 = time.perf_counter()
         layer = self._by_module[module]
@@ -518,7 +521,9 @@ class KLDWRM:
             ``variant="qe"`` without a ``closure``.
         """
         if self.variant == "qe" and closure is None:
-            raise ValueError("`closure` is required by variant='qe': pass closure=lambda: model(x) (the batch's logits)")
+            raise ValueError(
+                "`closure` is required by variant='qe': pass closure=lambda: model(x) (the batch's logits)"
+            )
         if closure is not None and not callable(closure):
             raise TypeError(f"`closure` must be callable, got {type(closure).__name__}")
         lrs = self._group_lrs()
@@ -619,7 +624,8 @@ class KLDWRM:
             return
         try:
             aug = (self._augment(eG, local[1], alpha), self._augment(eA, local[0], alpha))
-        except (ValueError, RuntimeError, torch.linalg.LinAlgError) as exc:
+        except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:  # torch's LinAlgError is a RuntimeError
+            self._counters["augment_failures"] += 1
             logger.warning("step %d: augmented factors of %s failed (%s); using the EA factors", k, name, exc)
             return
         self.preconditioner.augmented[name] = aug
@@ -668,7 +674,7 @@ class KLDWRM:
         stored = [theta_k, *reversed(self._history)][: cfg.n_stored]
         weights = [self.rho**j for j in range(len(stored))]
         weights = [w / sum(weights) for w in weights]
-        layer_params = [[layers[n].module.weight] + ([layers[n].module.bias] if layers[n].helper.has_bias else []) for n in names]
+        layer_params = [_layer_params(layers[n].helper) for n in names]
         flat = [p for ps in layer_params for p in ps]
         was_training = self.model.training
         self.model.eval()
@@ -695,7 +701,7 @@ class KLDWRM:
                     for n, ps in zip(names, layer_params):
                         gs = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(ps, kl_grads[i : i + len(ps)])]
                         i += len(ps)
-                        h = self._pending[n].to(x[n].dtype) + _matrix(layers[n].helper, gs[0], gs[1] if len(gs) > 1 else None)
+                        h = self._pending[n].to(x[n].dtype) + _matrix(layers[n].helper, *gs)
                         local = self._local.get(n)
                         if local is not None and cfg.local_curvature > 0:
                             A, G = local
@@ -709,7 +715,9 @@ class KLDWRM:
                         layers[n].helper.set_grad_matrix(steps[n])
                 else:
                     self._counters["inner_fallbacks"] += 1
-                    logger.warning("step %d: non-finite QE inner loop; the Q step is applied", self.preconditioner.steps - 1)
+                    logger.warning(
+                        "step %d: non-finite QE inner loop; the Q step is applied", self.preconditioner.steps - 1
+                    )
         finally:
             with torch.no_grad():
                 _load(self._params, theta_k)
@@ -780,7 +788,9 @@ class KLDWRM:
             raise ValueError(f"the state holds layers {sorted(state_dict['layers'])}, the model has {sorted(self._wake)}")
         history = state_dict["history"]
         if history and len(history[0]) != len(self._params):
-            raise ValueError(f"the state's snapshots hold {len(history[0])} parameters, the model has {len(self._params)}")
+            raise ValueError(
+                f"the state's snapshots hold {len(history[0])} parameters, the model has {len(self._params)}"
+            )
         self.preconditioner.load_state_dict(state_dict["preconditioner"])
         self._counters = dict(state_dict["counters"])
         for name, sd in state_dict["layers"].items():
@@ -809,15 +819,16 @@ class KLDWRM:
         -------
         dict
             ``{"variant", "method", "rho", "step", "skipped_steps",
-            "local_skipped", "inner_fallbacks", "seconds", "layers",
-            "preconditioner"}``.  ``seconds`` adds KLD-WRM's time to the
+            "local_skipped", "inner_fallbacks", "augment_failures", "seconds",
+            "layers", "preconditioner"}``.  ``seconds`` adds KLD-WRM's time to the
             preconditioner's phases (local statistics to ``statistics``, Q's
             augmented factors to ``decomposition``, the corrected gradient to
             ``preconditioning``) and has ``inner`` (QE's loop); ``skipped_steps``
             counts KLD-WRM steps skipped for a non-finite gradient.
         """
         pre = self.preconditioner.stats()
-        seconds = {p: pre["seconds"].get(p, 0.0) + self._seconds[p] for p in ("statistics", "decomposition", "preconditioning")}
+        phases = ("statistics", "decomposition", "preconditioning")
+        seconds = {p: pre["seconds"].get(p, 0.0) + self._seconds[p] for p in phases}
         seconds["inner"] = self._seconds["inner"]
         return {
             "variant": self.variant,
@@ -837,7 +848,13 @@ def _update_count(f: FactorState) -> int:
     return f.brand_count if isinstance(f, BrandFactor) else f.ea_count
 
 
-def _matrix(helper: LayerHelper, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _layer_params(helper: LayerHelper) -> list[torch.Tensor]:
+    """``[weight]`` or ``[weight, bias]`` of a layer."""
+    mod = helper.module
+    return [mod.weight, mod.bias] if helper.has_bias else [mod.weight]
+
+
+def _matrix(helper: LayerHelper, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``[W | b]`` of shape (g_dim, a_dim) from weight-shaped and bias-shaped tensors."""
     m = w.reshape(helper.g_dim, -1)
     if helper.has_bias:
@@ -868,10 +885,8 @@ def _load(params: Iterable[torch.Tensor], values: Iterable[torch.Tensor]) -> Non
 def _outputs(closure: Callable[[], torch.Tensor]) -> torch.Tensor:
     out = closure()
     if not isinstance(out, torch.Tensor) or out.ndim < 1:
-        raise TypeError(
-            "`closure` must return the model's logits on the batch, a tensor of shape (n, ..., C); "
-            f"got {type(out).__name__}{'' if not isinstance(out, torch.Tensor) else ' of shape ' + str(tuple(out.shape))}"
-        )
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"`closure` must return the model's logits on the batch, a tensor of shape (n, ..., C); got {got}")
     return out
 
 
