@@ -142,6 +142,9 @@ def _worker(out: str) -> None:
     precond = DistributedKFACPreconditioner(model, method="kfac", assignment=_AllOnLast(), **OPTIONS)
     _run(model, precond, torch.optim.SGD(model.parameters(), lr=0.1), range(HALF), shard)
     res["all_on_last"] = precond.stats()["distributed"]
+    # KFACPreconditioner under a process group builds the distributed class
+    auto = KFACPreconditioner(_model(), **OPTIONS)
+    res["auto"] = (type(auto).__name__, auto.average_gradients)
     # mismatched configurations fail on every rank, without a hang
     res["bad_method"] = _expect_error(
         lambda: DistributedKFACPreconditioner(_model(), method="kfac" if rank == 0 else "rs-kfac", **OPTIONS)
@@ -205,6 +208,11 @@ def test_decompositions_are_split_across_ranks(two_ranks, method):
     assert s0["bytes_total"]["statistics"] > 0 and s0["bytes_total"]["decompositions"] > 0
     if method == "b-kfac":
         assert s0["bytes_total"]["brand_rows"] > 0
+
+
+def test_kfac_preconditioner_is_distributed_automatically_under_a_process_group(two_ranks):
+    _, res = two_ranks
+    assert res[0]["auto"] == res[1]["auto"] == ("DistributedKFACPreconditioner", True)
 
 
 def test_pluggable_assignment_policy(two_ranks):

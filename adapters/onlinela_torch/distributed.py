@@ -530,8 +530,9 @@ def distribute(
     For preconditioners built by someone else, e.g. ``opt.preconditioner`` of
     :class:`~onlinela_torch.RSKFAC`: call it on every rank before the first
     step (before loading a checkpoint).  Returns ``preconditioner`` unchanged
-    when no multi-rank process group is initialised or when it is already
-    distributed.
+    when no multi-rank process group is initialised; when it is already
+    distributed (``KFACPreconditioner(...)`` under a process group builds a
+    :class:`DistributedKFACPreconditioner`), only ``average_gradients`` is set.
 
     Parameters
     ----------
@@ -548,7 +549,10 @@ def distribute(
     KFACPreconditioner
         The same object, now a :class:`DistributedKFACPreconditioner`.
     """
-    if isinstance(preconditioner, DistributedKFACPreconditioner) or not distributed_active(group):
+    if isinstance(preconditioner, DistributedKFACPreconditioner):  # built so: KFACPreconditioner under a group
+        preconditioner.average_gradients = bool(average_gradients)
+        return preconditioner
+    if not distributed_active(group):
         return preconditioner
     if type(preconditioner) is not KFACPreconditioner:
         raise TypeError(f"distribute() supports KFACPreconditioner itself, not {type(preconditioner).__name__}")

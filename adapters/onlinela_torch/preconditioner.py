@@ -272,6 +272,14 @@ class KFACPreconditioner:
     #: The supported ``method`` names.
     METHODS = METHODS
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> KFACPreconditioner:
+        """Under a ``torch.distributed`` group of several ranks, a :class:`~onlinela_torch.DistributedKFACPreconditioner`."""
+        if cls is KFACPreconditioner:
+            from .distributed import DistributedKFACPreconditioner, distributed_active
+
+            cls = DistributedKFACPreconditioner if distributed_active() else cls
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,
