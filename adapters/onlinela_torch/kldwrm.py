@@ -92,7 +92,7 @@ class KLDWRMConfig:
         QE: the exact-KL term's weight is ``λ = kl_weight / lr_k`` (0.1).
         ``kl_weight = 1`` is the wake's own weight (then ``(λ/2) symKL ≈
         (1/lr_k) KL`` to second order, Q's regulariser); on MNIST it
-        over-brakes, because the exact KL of a Q step is typically 10-60 times
+        over-brakes, because the exact KL of a Q step is typically 8-40 times
         its second-order K-FAC estimate (docs/kldwrm.rst), so the default is 0.1.
     """
 
@@ -428,6 +428,7 @@ class KLDWRM:
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, layer in layers.items() if id(layer.module.weight) not in in_optimizer]
         if missing:
+            self.preconditioner.remove_hooks()
             raise ValueError(f"`optimizer` does not hold the weights of the preconditioned layers {missing}")
         self._first_weight = next(iter(layers.values())).module.weight
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -435,8 +436,8 @@ class KLDWRM:
         self._wake = {name: _LayerWake() for name in layers}
         # (snapshot object, statistics updates behind it) of each layer's A factor
         self._snapshot_counts: dict[str, tuple[FactorEigen | None, int]] = {name: (None, 0) for name in layers}
-        n_snapshots = 0 if variant == "so" else 1 if variant == "q" else max(1, config.n_stored - 1)
-        self._history: deque[list[torch.Tensor]] = deque(maxlen=max(n_snapshots, 1))
+        # parameter snapshots θ_{k-1}, ...: none kept by SO, θ_{k-1} by Q, n_stored - 1 (>= 1) by QE
+        self._history: deque[list[torch.Tensor]] = deque(maxlen=max(1, config.n_stored - 1) if variant == "qe" else 1)
         self._captures: dict[str, _Capture] = {}
         self._handles: list[Any] = []
         if variant != "so":
