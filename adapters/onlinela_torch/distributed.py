@@ -242,12 +242,12 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             "factor_decay": self.factor_decay,
             "schedules@step": (self._t_updt(self.steps), self._t_inv(self.steps), self._t_brand(self.steps)),
             "damping@step": self.damping_at(self.steps),
-            "rank_policy": repr(self.rank_policy),
+            "rank_policy": _describe(self.rank_policy),
             "sketch": (self.oversample, self.n_iter),
             "clips": (self.kl_clip, self.rms_clip),
             "conventions": (self.damping_convention, self.complement, self.fisher, self.loss_reduction),
             "dtypes": (str(self.factor_dtype), str(self.inv_dtype)),
-            "brand": repr(self.brand),
+            "brand": _describe(self.brand),
             "seed": self.seed,
             "assignment": type(self.assignment).__name__,
             "average_gradients": self.average_gradients,
@@ -610,6 +610,15 @@ def _spawned(
 
 
 # =========================================================================== helpers
+def _describe(obj: Any) -> Any:
+    """A rank-independent description of an option object: dataclass fields, callables by name (not address)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj).__name__, {f.name: _describe(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if callable(obj):
+        return getattr(obj, "__qualname__", type(obj).__name__)
+    return obj
+
+
 def _version(f: FactorState) -> tuple[Any, ...]:
     """What an owner's update may change: snapshot and Brand state (compared by identity), rank, skips, errors."""
     return (f.eigen, getattr(f, "brand", None), f.rank, tuple(f.skipped.values()), len(f.errors))

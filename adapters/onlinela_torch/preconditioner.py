@@ -21,6 +21,7 @@ Brand methods update ``(U, D)`` every ``T_B`` steps.  See docs/kfac.rst.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import time
@@ -272,14 +273,6 @@ class KFACPreconditioner:
     #: The supported ``method`` names.
     METHODS = METHODS
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> KFACPreconditioner:
-        """Under a ``torch.distributed`` group of several ranks, a :class:`~onlinela_torch.DistributedKFACPreconditioner`."""
-        if cls is KFACPreconditioner:
-            from .distributed import DistributedKFACPreconditioner, distributed_active
-
-            cls = DistributedKFACPreconditioner if distributed_active() else cls
-        return super().__new__(cls)
-
     def __init__(
         self,
         model: nn.Module,
@@ -375,6 +368,16 @@ class KFACPreconditioner:
         self._sampling: float | None = None  # weight of the sampled-label backward in progress
         self._fisher_gen: torch.Generator | None = None
         self._fisher_gen_state: torch.Tensor | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> KFACPreconditioner:
+        """Under a ``torch.distributed`` group of several ranks, a :class:`~onlinela_torch.DistributedKFACPreconditioner`."""
+        if cls is KFACPreconditioner:
+            from .distributed import DistributedKFACPreconditioner, distributed_active
+
+            cls = DistributedKFACPreconditioner if distributed_active() else cls
+        return super().__new__(cls)
+
+    __new__.__signature__ = inspect.signature(__init__)  # type: ignore[attr-defined]  # what callers inspect
 
     # ================================================================== schedules
     def damping_at(self, step: int) -> float:
