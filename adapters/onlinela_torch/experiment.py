@@ -274,8 +274,12 @@ def available_optimizers() -> dict[str, OptimizerSpec]:
 
 
 def _accepted_kwargs(cls: Callable[..., Any], options: Mapping[str, Any], *, strict: bool) -> dict[str, Any]:
-    """The subset of ``options`` that ``cls`` accepts; unknown keys raise if ``strict``."""
-    params = inspect.signature(cls).parameters
+    """The subset of ``options`` that ``cls`` accepts; unknown keys raise if ``strict``.
+
+    Reads ``cls.__init__``'s signature (a ``__new__`` taking ``*args, **kwargs``
+    would hide it from ``inspect.signature(cls)``).
+    """
+    params = inspect.signature(cls.__init__ if isinstance(cls, type) else cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return dict(options)
     unknown = sorted(set(options) - set(params))
