@@ -223,6 +223,15 @@ def test_registry_and_build_errors():
         ex.build_stepper("nope", torch.nn.Linear(2, 2), lr=0.1)
 
 
+def test_quiet_and_verbose_anywhere():
+    from onlinela_torch.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["-q", "compare"]).quiet and parser.parse_args(["compare", "--quiet"]).quiet
+    assert not parser.parse_args(["compare"]).quiet
+    assert parser.parse_args(["train", "-v"]).verbose
+
+
 def test_console_entry_point():
     res = subprocess.run([sys.executable, "-m", "onlinela_torch", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0

@@ -602,6 +602,9 @@ def _plot_spectrum(path: pathlib.Path, task: ex.Task, spectra: list[dict[str, An
 def _common(
     parser: argparse.ArgumentParser, *, default_task: str, default_out: str, default_threads: int | None = None
 ) -> None:
+    # also accepted after the subcommand; SUPPRESS keeps the top-level value when absent here
+    parser.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bars or log lines")
+    parser.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     parser.add_argument("--task", choices=sorted(ex.TASKS), default=default_task,
                         help=f"benchmark (default {default_task}): "
                              + "; ".join(f"{t.name}: {t.description}" for t in ex.TASKS.values()))
