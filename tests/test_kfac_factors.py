@@ -28,6 +28,8 @@ def _single_thread():
     torch.set_num_threads(n)
 
 DT = torch.float64
+# torch.func imports torch.jit.script internally, which warns on this torch
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
 def _precond(model, **kw):
