@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -382,7 +383,7 @@ def _train(args: argparse.Namespace) -> int:
     name = _optimizer_names([args.optimizer], task)[0]
     if args.resume and not args.checkpoint:
         raise CLIError("--resume needs --checkpoint PATH (the file to resume from)")
-    if args.resume and not pathlib.Path(args.checkpoint).is_file():
+    if args.resume == "required" and not pathlib.Path(args.checkpoint).is_file():
         raise CLIError(f"--resume: no checkpoint at {args.checkpoint}")
     data = _load(args, task)
     lr = args.lr or ex.available_optimizers()[name].lr
@@ -396,7 +397,10 @@ def _train(args: argparse.Namespace) -> int:
     net = _data_parallel(model, stepper, batch) if dp.distributed_active() else model
     main_rank = not dp.distributed_active() or torch.distributed.get_rank() == 0
     history = None
-    if args.resume:
+    resume = args.resume == "required" or (args.resume == "auto" and _checkpoint_exists(args.checkpoint))
+    if args.resume == "auto" and not resume:
+        logger.info("--resume auto: no checkpoint at %s, starting from epoch 0", args.checkpoint)
+    if resume:
         try:
             state = ex.load_checkpoint(args.checkpoint, model=model, stepper=stepper)
         except (RuntimeError, KeyError, OSError, EOFError) as exc:
@@ -415,6 +419,9 @@ def _train(args: argparse.Namespace) -> int:
                     task.metric_name, rec["metric"])
         if args.checkpoint and main_rank:  # every rank holds the same state
             ex.save_checkpoint(args.checkpoint, model=model, stepper=stepper, history=hist, config=config)
+        if args.checkpoint and dp.distributed_active():
+            torch.distributed.barrier()  # no rank goes on (or dies) before the checkpoint is on disk
+        _inject_fault(epoch)
 
     start = int(history[-1]["epoch"]) if history else 0
     with _progress(args, max(0, epochs - start), f"{name} on {task.name}") as bar:
@@ -433,6 +440,32 @@ def _train(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{name} on {task.name}: epoch {last['epoch']}, {task.metric_name} {last['metric']:.4g}{status}, "
                      f"{last['seconds']:.1f} s training; wrote {out / 'train.json'}\n")
     return 1 if result.diverged else 0
+
+
+def _checkpoint_exists(path: str) -> bool:
+    """Whether ``path`` is a file, as rank 0 sees it (broadcast, so all ranks agree on resuming or not)."""
+    exists = [pathlib.Path(path).is_file()]
+    if dp.distributed_active():
+        torch.distributed.broadcast_object_list(exists, src=0)
+    return bool(exists[0])
+
+
+def _inject_fault(epoch: int) -> None:
+    """Testing hook, inert unless ``ONLINELA_FAULT_AFTER_EPOCH`` is set: SIGKILL the last rank once.
+
+    With ``ONLINELA_FAULT_AFTER_EPOCH=N`` and ``ONLINELA_FAULT_MARKER=PATH``
+    the highest rank kills itself after epoch ``N``'s checkpoint, unless
+    ``PATH`` exists; it creates ``PATH`` first, so a restarted run is not
+    killed again (tests/test_restart.py).
+    """
+    after, marker = os.environ.get("ONLINELA_FAULT_AFTER_EPOCH"), os.environ.get("ONLINELA_FAULT_MARKER")
+    if after is None or marker is None or epoch != int(after) or os.path.exists(marker):
+        return
+    if dp.distributed_active() and torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
+        return
+    pathlib.Path(marker).touch()
+    logger.warning("ONLINELA_FAULT_AFTER_EPOCH=%s: killing this process (testing hook)", after)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _spawn_train(args: argparse.Namespace) -> int:
@@ -662,7 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, help="total epochs to reach (default: the task's)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--checkpoint", help="checkpoint file, written after every epoch")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    p.add_argument("--resume", nargs="?", const="required", choices=("required", "auto"),
+                   help="continue from --checkpoint, which must exist; `--resume auto`: continue if it exists, "
+                        "else start fresh (for torchrun --max-restarts, which repeats the command line)")
     p.add_argument("--nproc", type=_positive_int, default=1,
                    help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA; see docs/distributed.rst)")
     p.set_defaults(func=_train)
