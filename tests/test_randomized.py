@@ -487,3 +487,28 @@ def test_nystrom_rejects_indefinite_input(xp):
     # the Rayleigh–Ritz methods clip negative Ritz values instead
     M = randomized_eigh(A, 4, method="subspace", rng=0)
     assert float(to_numpy(M.eigvals).min()) >= 0
+
+
+def test_tiled_symmetry_and_finiteness_check(xp):
+    """d > 2 tiles: the tiled O(d^2) pass must equal max|A - Aᵀ| and catch NaN/Inf and asymmetry anywhere."""
+    from onlinela import _validation as V
+
+    d = 2 * 256 + 37  # not a multiple of any tile size
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((d, 20))
+    S = X @ X.T
+    for dt in (xp.float32, xp.float64):
+        A = np.stack([S, 2 * S])
+        A[1, 530, 7] += 0.25
+        Ax = xp.asarray(A, dtype=dt)
+        An = to_numpy(Ax).astype(np.float64)
+        assert V._max_asymmetry(xp, Ax) == pytest.approx(np.max(np.abs(An - np.swapaxes(An, -1, -2))), rel=1e-6)
+        with pytest.raises(ValueError, match="`A` must be symmetric"):
+            randomized_eigh(Ax, 3, rng=0)
+        for bad in (np.nan, np.inf):
+            B_ = np.stack([S, S])
+            B_[0, 3, 540] = bad
+            with pytest.raises(ValueError, match="`A` must be finite"):
+                randomized_eigh(xp.asarray(B_, dtype=dt), 3, rng=0)
+        M = randomized_eigh(xp.asarray(np.stack([S, S]), dtype=dt), 3, rng=0)
+        assert M.eigvecs.shape == (2, d, 3)
