@@ -101,7 +101,8 @@ def _max_asymmetry(xp: ModuleType, a: Any) -> float:
         m = None
         for i in range(0, d, t):
             for j in range(i, d, t):
-                v = xp.max(xp.abs(a[..., i : i + t, j : j + t] - B.mT(xp, a[..., j : j + t, i : i + t])))
+                i1, j1 = min(i + t, d), min(j + t, d)  # in-bounds stops (the standard requires it)
+                v = xp.max(xp.abs(a[..., i:i1, j:j1] - B.mT(xp, a[..., j:j1, i:i1])))
                 m = v if m is None else xp.maximum(m, v)
         return float(m)
 
