@@ -39,6 +39,21 @@ def _cupy_available() -> bool:
         return False
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny matrices and two xdist workers on two cores: one torch thread per worker
+    avoids oversubscription (measured 10-40x slowdowns of small kernels otherwise)."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 BACKENDS = ["numpy", "array_api_strict", "torch", "cupy"]
 
 

@@ -20,15 +20,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["--task", "digits-mlp", "--max-train", "256", "--batch-size", "32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one intra-op thread is faster, and robust on a busy 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(args, capsys):
     code = main(["-q", *args])
     out, err = capsys.readouterr()

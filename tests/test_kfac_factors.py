@@ -19,14 +19,6 @@ from onlinela_torch import KFACPreconditioner
 from onlinela_torch.modules import Conv2dHelper, LinearHelper, helper_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matrices: one BLAS thread avoids oversubscription under ``pytest -n 2``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 DT = torch.float64
 # torch.func imports torch.jit.script internally, which warns on this torch
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

@@ -27,14 +27,6 @@ from onlinela_torch import (
 from onlinela_torch.preconditioner import METHODS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matrices: one BLAS thread avoids oversubscription under ``pytest -n 2``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 OPT_CLASSES = {
     "kfac": KFAC,
     "rs-kfac": RSKFAC,

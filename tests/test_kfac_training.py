@@ -16,14 +16,6 @@ from onlinela_torch import KFACPreconditioner
 from onlinela_torch.preconditioner import METHODS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny matrices: one BLAS thread avoids oversubscription under ``pytest -n 2``."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 STEPS, BATCH, LR = 60, 16, 0.05
 OPTS = dict(factor_update_freq=2, inv_update_freq=6, rank=12, oversample=4, n_iter=2, damping=3e-3, kl_clip=1e-2)
 

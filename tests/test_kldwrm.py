@@ -17,8 +17,6 @@ from onlinela_torch.data import load_digits
 from onlinela_torch.kldwrm import _LocalFactor
 from onlinela_torch.models import SmallCNN
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def digits():
