@@ -47,20 +47,28 @@ from onlinela.randomized import METHODS  # noqa: E402
 
 RANK = 220
 OVERSAMPLE = 10
-# onlinela configurations: (method, n_iter, oversample).  The public defaults first.
+# onlinela configurations: (method, n_iter, oversample).  The public defaults first; then the
+# papers' q = 3; then configurations that trade power iterations for oversampling (wider
+# products run closer to peak and converge gap-free, which matters for the flat EA tail).
 ONLINELA_CONFIGS = [
     ("subspace", 2, 10),  # randomized_eigh defaults
     ("subspace", 3, 10),
-    ("subspace", 4, 10),
-    ("nystrom", 2, 10),
+    ("nystrom", 1, 160),
+    ("nystrom", 2, 40),
     ("nystrom", 3, 10),
-    ("nystrom", 4, 10),
-    ("svd", 1, 10),
-    ("svd", 2, 10),
-    ("krylov", 1, 10),
+    ("svd", 1, 20),
+    ("krylov", 1, 40),
     ("krylov", 2, 10),
 ]
-QUICK_CONFIGS = [("subspace", 2, 10), ("nystrom", 3, 10), ("svd", 1, 10), ("krylov", 2, 10)]
+QUICK_CONFIGS = [("subspace", 2, 10), ("nystrom", 1, 160), ("svd", 1, 20), ("krylov", 2, 10)]
+# The configuration the bar is judged on, fixed before the final run (chosen on the seed-0 factor
+# at d = 4096 from an exploratory grid; ROBUSTNESS re-checks its error on other factors):
+# Nyström with one power iteration and a wide sketch, randomized_eigh(A, 220, method="nystrom",
+# n_iter=1, oversample=160): two products with 380 columns.
+BAR_CONFIG = ("nystrom", 1, 160)
+# other EA factors (seed, alpha) on which the error of every configuration is re-measured at the
+# largest d: the claim must hold on matrices the configurations were not chosen on
+ROBUSTNESS = [(1, 0.5), (2, 0.65), (3, 0.4)]
 
 
 def n_products(method: str, q: int) -> int:
@@ -237,7 +245,8 @@ def onlinela_solvers(A: np.ndarray, r: int, configs) -> dict:
 
 
 def product_time(A: np.ndarray, k: int, backend: str, repeats: int) -> float:
-    """Median time of one (d × d)·(d × k) product on ``backend`` (the unit of the floor)."""
+    """Fastest observed time of one (d × d)·(d × k) product on ``backend`` (the unit of the floor;
+    the minimum, not the median, so that the floor is a lower bound)."""
     Om = np.random.default_rng(0).standard_normal((A.shape[0], k)).astype(np.float32)
     if backend == "torch":
         import torch
@@ -246,7 +255,7 @@ def product_time(A: np.ndarray, k: int, backend: str, repeats: int) -> float:
         times, _ = timed(lambda: At @ Ot, repeats)
     else:
         times, _ = timed(lambda: A @ Om, repeats)
-    return statistics.median(times)
+    return min(times)
 
 
 def _np(x) -> np.ndarray:
@@ -279,7 +288,7 @@ def run_size(d: int, r: int, args) -> dict:
     floors = {}
     for backend in ("numpy", "torch"):
         try:
-            floors[backend] = {k: product_time(A, k, backend, max(args.repeats, 7)) for k in ks}
+            floors[backend] = {k: product_time(A, k, backend, max(2 * args.repeats, 15)) for k in ks}
         except ImportError:
             continue
     res["product_time_s"] = {b: {str(k): v for k, v in f.items()} for b, f in floors.items()}
@@ -315,29 +324,63 @@ def summarise(res: dict, factor: float) -> dict:
     rows = res["rows"]
     peer_rows = [x for x in rows if x["library"] != "onlinela"]
     fastest = min(peer_rows, key=lambda x: x["time_median_s"])
-    ours = [x for x in rows if x["library"] == "onlinela" and x["error_over_optimal"] <= factor]
     summary: dict = {
         "error_factor": factor,
         "fastest_peer": fastest["name"],
         "fastest_peer_time_s": fastest["time_median_s"],
         "fastest_peer_error_over_optimal": fastest["error_over_optimal"],
+        "per_backend": {},  # fastest configuration meeting the error target (selected post hoc)
     }
-    if ours:
-        best = min(ours, key=lambda x: x["time_median_s"])
-        summary.update(
-            best_onlinela=best["name"],
-            best_onlinela_time_s=best["time_median_s"],
-            best_onlinela_error_over_optimal=best["error_over_optimal"],
-            speedup_vs_fastest_peer=fastest["time_median_s"] / best["time_median_s"],
-            time_over_floor=best["time_over_floor"],
-            bar_met=bool(fastest["time_median_s"] / best["time_median_s"] >= 2.0 and best["time_over_floor"] <= 2.0),
-        )
-    else:
-        summary["best_onlinela"] = None
-        summary["bar_met"] = False
-    dflt = [x for x in rows if x["library"] == "onlinela" and x["params"]["method"] == "subspace" and x["params"]["n_iter"] == 2 and x["params"]["oversample"] == 10]
-    summary["public_defaults"] = {x["params"]["backend"]: {"time_s": x["time_median_s"], "error_over_optimal": x["error_over_optimal"]} for x in dflt}
+    for backend in sorted({x["params"]["backend"] for x in rows if x["library"] == "onlinela"}):
+        ours = [x for x in rows if x["library"] == "onlinela" and x["params"]["backend"] == backend]
+        ok = [x for x in ours if x["error_over_optimal"] <= factor]
+        entry: dict = {"best": None, "bar_met": False}
+        if ok:
+            best = min(ok, key=lambda x: x["time_median_s"])
+            speedup = fastest["time_median_s"] / best["time_median_s"]
+            entry = {
+                "best": best["name"],
+                "time_s": best["time_median_s"],
+                "error_over_optimal": best["error_over_optimal"],
+                "speedup_vs_fastest_peer": speedup,
+                "time_over_floor": best["time_over_floor"],
+                "bar_met": bool(speedup >= 2.0 and best["time_over_floor"] <= 2.0),
+            }
+        dflt = [x for x in ours if (x["params"]["method"], x["params"]["n_iter"], x["params"]["oversample"]) == ("subspace", 2, 10)]
+        if dflt:
+            entry["public_defaults"] = {"time_s": dflt[0]["time_median_s"], "error_over_optimal": dflt[0]["error_over_optimal"]}
+        summary["per_backend"][backend] = entry
+    summary["bar_met_post_hoc"] = any(e["bar_met"] for e in summary["per_backend"].values())
+    bar = {}
+    for x in rows:
+        if x["library"] == "onlinela" and (x["params"]["method"], x["params"]["n_iter"], x["params"]["oversample"]) == BAR_CONFIG:
+            speedup = fastest["time_median_s"] / x["time_median_s"]
+            bar[x["params"]["backend"]] = {
+                "name": x["name"],
+                "time_s": x["time_median_s"],
+                "error_over_optimal": x["error_over_optimal"],
+                "speedup_vs_fastest_peer": speedup,
+                "time_over_floor": x["time_over_floor"],
+                "met": bool(x["error_over_optimal"] <= factor and speedup >= 2.0 and x["time_over_floor"] <= 2.0),
+            }
+    summary["bar_config"] = {"method": BAR_CONFIG[0], "n_iter": BAR_CONFIG[1], "oversample": BAR_CONFIG[2], "per_backend": bar}
     return summary
+
+
+def robustness(d: int, r: int, configs, cases) -> list[dict]:
+    """error / optimal of every onlinela configuration on other EA factors (torch input, seed = case seed)."""
+    out = []
+    for seed, alpha in cases:
+        A = ea_factor(d, seed=seed, alpha=alpha)
+        A64 = A.astype(np.float64)
+        lam = np.linalg.eigvalsh(A64)[::-1]
+        row = {"seed": seed, "alpha": alpha, "optimal_rel_error": float(lam[r] / lam[0]), "error_over_optimal": {}}
+        for method, q, l in configs:
+            M = onlinela.randomized_eigh(A, r, oversample=l, n_iter=q, method=method, rng=seed)
+            row["error_over_optimal"][f"{method} q={q} l={l}"] = spectral_error(A64, M.eigvecs, M.eigvals) / lam[r]
+        print(f"  robustness seed={seed} alpha={alpha}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["error_over_optimal"].items()), flush=True)
+        out.append(row)
+    return out
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -383,7 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     r = args.rank or (40 if args.quick else RANK)
     args.repeats = args.repeats or (2 if args.quick else 7)
     args.dense_repeats = args.dense_repeats or (1 if args.quick else 3)
-    results = [run_size(d, r, args) for d in sizes]
+    results = []
+    for d in sizes:
+        load0 = os.getloadavg()
+        res = run_size(d, r, args)
+        res["loadavg_before_after"] = [list(load0), list(os.getloadavg())]
+        results.append(res)
+    configs = QUICK_CONFIGS if args.quick else ONLINELA_CONFIGS
+    robust = robustness(sizes[-1], r, configs, ROBUSTNESS[:1] if args.quick else ROBUSTNESS)
     payload = {
         "benchmark": "randomized_eigh",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -392,13 +442,19 @@ def main(argv: list[str] | None = None) -> int:
         "methods": list(METHODS),
         "matrix": "EA of 64 rank-256 increments, decay 0.95, power-law latent covariance (alpha=0.5), column scales 0.99^c",
         "results": results,
+        "robustness": {"d": sizes[-1], "rank": r, "cases": robust},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))
     plot(results, args.out.with_suffix(".png"))
     for res in results:
         s = res["summary"]
-        print(f"d={res['d']}: {json.dumps(s)}")
+        for be, e in s["bar_config"]["per_backend"].items():
+            print(
+                f"d={res['d']} bar config {BAR_CONFIG} [{be}]: {e['time_s']:.3f}s, error/optimal {e['error_over_optimal']:.3f}, "
+                f"{e['speedup_vs_fastest_peer']:.2f}x faster than {s['fastest_peer']} ({s['fastest_peer_time_s']:.3f}s), "
+                f"{e['time_over_floor']:.2f}x its product floor -> {'met' if e['met'] else 'NOT met'}"
+            )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -1,8 +1,9 @@
 r"""Randomized low-rank approximation of matrices and of symmetric PSD matrices.
 
-Halko, Martinsson & Tropp (2011) range finder and SVD, and three eigensolvers
+Halko, Martinsson & Tropp (2011) range finder and SVD, and four eigensolvers
 for a symmetric positive semidefinite (PSD) ``A`` (RS-KFAC / SRE-KFAC, Puiu
-2022; Nyström, Tropp et al. 2017 and Frangella et al. 2021):
+2022; Nyström, Tropp et al. 2017 and Frangella et al. 2021; block Krylov,
+Musco & Musco 2015):
 
 ``"subspace"``  symmetric randomized EVD: ``Q = orth(A^{q+1} Ω)`` by subspace
                 iteration, Rayleigh–Ritz ``eigh(QᵀAQ)``.
@@ -11,12 +12,17 @@ for a symmetric positive semidefinite (PSD) ``A`` (RS-KFAC / SRE-KFAC, Puiu
                 ``"subspace"`` for the same range, and never larger than ``A``.
 ``"svd"``       the randomized SVD of ``A`` (``(AAᵀ)^q AΩ``); the right singular
                 vectors and singular values are the eigenpairs (RS-KFAC).
+``"krylov"``    block Lanczos: Rayleigh–Ritz on ``[AΩ, A²Ω, ..., A^{q+1}Ω]``
+                (same products as ``"subspace"``, gap-free convergence).
 
 Conventions shared by every function here:
 
 * ``n_iter = q`` counts the power (subspace) iterations that *follow* the first
-  product ``AΩ``; between products the basis is re-orthonormalised
-  (CholeskyQR2, Householder fallback), so float32 does not underflow.
+  product ``AΩ``; between products the block is re-conditioned by one
+  Cholesky-QR pass (a power iteration needs the span, not exact
+  orthonormality), so float32 neither under- nor overflows; bases that feed a
+  Rayleigh–Ritz step or are returned are orthonormalised to working precision
+  (CholeskyQR2, Householder fallback).
 * The sketch has ``k = min(rank + oversample, d)`` columns: asking for more
   columns than the dimension clips the sketch to ``d`` (the basis is then
   complete and the result exact up to rounding).
