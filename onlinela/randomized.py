@@ -207,8 +207,11 @@ def _eigh_nystrom(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: n
     # Cholesky-QR pass on the d × r block restores it (it changes U diag(w) Uᵀ by O(eps·sqrt(d)·λ_1)).
     s2, Z = B.eigh(xp, B.symmetrize(xp, B.mT(xp, Bm) @ Bm))
     s2 = s2[..., :rank]
+    # Directions with s2 <= eps·s2_max (all of them for A = 0) carry no energy: they get a zero
+    # column here, which the re-orthonormalisation completes to an orthonormal basis.
     tiny = B.eps(xp, A.dtype) * s2[..., :1]
-    inv_s = 1.0 / xp.sqrt(xp.where(s2 > tiny, s2, tiny + xp.zeros_like(s2)))
+    pos = s2 > tiny
+    inv_s = xp.where(pos, 1.0 / xp.sqrt(xp.where(pos, s2, xp.ones_like(s2))), xp.zeros_like(s2))
     U = _reorthonormalise(xp, Bm @ (Z[..., :rank] * inv_s[..., None, :]))
     return LowRankPSD._trusted(U, _clip0(xp, s2 - nu[..., 0]))
 
