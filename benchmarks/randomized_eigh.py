@@ -100,16 +100,6 @@ def ea_factor(d: int, *, n_steps: int = 64, s: int = 256, decay: float = 0.95, a
 # --------------------------------------------------------------------------- measurement
 
 
-def timed(fn, repeats: int) -> tuple[list[float], object]:
-    out = fn()  # warm-up (allocations, thread pools, lazy imports)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return times, out
-
-
 def spectral_error(A64: np.ndarray, U: np.ndarray, w: np.ndarray) -> float:
     """||A - U diag(w) Uᵀ||_2 by float64 Lanczos on the residual operator."""
     U = np.asarray(U, dtype=np.float64)
@@ -244,18 +234,21 @@ def onlinela_solvers(A: np.ndarray, r: int, configs) -> dict:
     return out
 
 
-def product_time(A: np.ndarray, k: int, backend: str, repeats: int) -> float:
-    """Fastest observed time of one (d × d)·(d × k) product on ``backend`` (the unit of the floor;
-    the minimum, not the median, so that the floor is a lower bound)."""
+def product_fn(A: np.ndarray, k: int, backend: str):
+    """One (d × d)·(d × k) product on ``backend``: the unit of a randomized solver's floor."""
     Om = np.random.default_rng(0).standard_normal((A.shape[0], k)).astype(np.float32)
     if backend == "torch":
         import torch
 
         At, Ot = torch.from_numpy(A), torch.from_numpy(Om)
-        times, _ = timed(lambda: At @ Ot, repeats)
-    else:
-        times, _ = timed(lambda: A @ Om, repeats)
-    return min(times)
+        return lambda: At @ Ot
+    return lambda: A @ Om
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _np(x) -> np.ndarray:
@@ -285,37 +278,65 @@ def run_size(d: int, r: int, args) -> dict:
     }
     configs = QUICK_CONFIGS if args.quick else ONLINELA_CONFIGS
     ks = sorted({r + l for _, _, l in configs})
-    floors = {}
-    for backend in ("numpy", "torch"):
-        try:
-            floors[backend] = {k: product_time(A, k, backend, max(2 * args.repeats, 15)) for k in ks}
-        except ImportError:
-            continue
-    res["product_time_s"] = {b: {str(k): v for k, v in f.items()} for b, f in floors.items()}
     solvers = {**peers(A, r, OVERSAMPLE), **onlinela_solvers(A, r, configs)}
+    products = {}  # the floor's unit: one (d × d)·(d × k) product per backend and k
+    for backend in ("numpy", "torch"):
+        for k in ks:
+            try:
+                products[(backend, k)] = product_fn(A, k, backend)
+            except ImportError:
+                pass
+    # Warm-up every solver once (and keep its output for the error), then time.  Dense solvers
+    # run back to back; the randomized solvers and the floor products run round-robin, one call
+    # each per round, so that load from other processes on a shared machine hits all alike —
+    # within one thread pool at a time (torch's OpenMP / NumPy's OpenBLAS): alternating pools
+    # makes the idle pool's spinning threads slow the other one down.
+    outputs = {name: fn() for name, (fn, _, _) in solvers.items()}
+    for f in products.values():
+        f()
+    times: dict = {name: [] for name in solvers}
+    ptimes: dict = {key: [] for key in products}
+    dense = [n for n, (_, lib, _) in solvers.items() if lib in ("numpy", "scipy") or n == "torch.linalg.eigh"]
+    fast = [n for n in solvers if n not in dense]
+    for name in dense:
+        for _ in range(args.dense_repeats):
+            times[name].append(_time(solvers[name][0]))
+    def pool(name: str) -> str:
+        return "torch" if name.startswith("torch") or name.endswith("[torch]") else "numpy"
+
+    for group in ("numpy", "torch"):
+        members = [n for n in fast if pool(n) == group]
+        prods = [key for key in products if key[0] == group]
+        for f in [solvers[n][0] for n in members] + [products[key] for key in prods]:
+            f()  # re-warm this pool
+        for _ in range(args.repeats):
+            for name in members:
+                times[name].append(_time(solvers[name][0]))
+            for key in prods:
+                for _ in range(2):
+                    ptimes[key].append(_time(products[key]))
+    floors = {key: min(v) for key, v in ptimes.items()}  # fastest product: the floor is a lower bound
+    res["product_time_s"] = {f"{b} k={k}": v for (b, k), v in floors.items()}
     for name, (fn, lib, params) in solvers.items():
-        dense = lib in ("numpy", "scipy") or name == "torch.linalg.eigh"
-        reps = args.dense_repeats if dense else args.repeats
-        times, (U, w) = timed(fn, reps)
+        U, w = outputs[name]
         err = spectral_error(A64, _np(U), _np(w)) / lam[0]
         row = {
             "name": name,
             "library": lib,
             "params": params,
-            "time_median_s": statistics.median(times),
-            "time_min_s": min(times),
-            "times_s": times,
+            "time_median_s": statistics.median(times[name]),
+            "time_min_s": min(times[name]),
+            "times_s": times[name],
             "rel_error": err,
             "error_over_optimal": err / opt,
         }
         if lib == "onlinela":
-            k = params["oversample"] + r
-            floor = params["products"] * floors[params["backend"]][k]
+            floor = params["products"] * floors[(params["backend"], params["oversample"] + r)]
             row["floor_s"] = floor
             row["time_over_floor"] = row["time_median_s"] / floor
         res["rows"].append(row)
         extra = f" floor {row['floor_s']:.3f}s ratio {row['time_over_floor']:.2f}" if "floor_s" in row else ""
-        print(f"  {name:45s} {row['time_median_s']:8.3f}s  err/opt {row['error_over_optimal']:.3f}{extra}", flush=True)
+        print(f"  {name:45s} {row['time_median_s']:8.3f}s (min {row['time_min_s']:.3f})  err/opt {row['error_over_optimal']:.3f}{extra}", flush=True)
     res["summary"] = summarise(res, args.error_factor)
     return res
 
