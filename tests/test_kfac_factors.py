@@ -167,6 +167,33 @@ def test_single_point_blocks_equal_kronecker_factors(fisher):
         torch.testing.assert_close(K, block, rtol=1e-9, atol=1e-12)
 
 
+def test_single_point_bernoulli_exact_block_is_the_ggn():
+    # sigmoid outputs with a summed binary cross-entropy (an autoencoder's loss): the loss
+    # Hessian in the logits is diag(p (1 - p)), so the exact-Fisher block is J^T diag(p(1-p)) J
+    model = _mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(1, 4, dtype=DT)
+    target = torch.tensor([[1.0, 0.0, 1.0]], dtype=DT)
+
+    def out_fn(p):
+        return functional_call(model, p, (x,))
+
+    pre = _precond(model, fisher="exact")
+    out = model(x)
+    pre.fisher_backward(out, likelihood="bernoulli")
+    F.binary_cross_entropy_with_logits(out, target, reduction="sum").backward()
+    pre.step()
+    J = jacrev(out_fn)(params)
+    H = hessian(lambda z: F.binary_cross_entropy_with_logits(z, target, reduction="sum"))(out_fn(params))[0, :, 0, :]
+    p = torch.sigmoid(out.detach())[0]
+    torch.testing.assert_close(H, torch.diag(p * (1 - p)), rtol=1e-12, atol=1e-14)
+    for name in ("0", "2", "4"):
+        layer = pre.layers[name]
+        Jl = _layer_matrix(J, name)[0]
+        Jv = torch.stack([_vec(Jl[c]) for c in range(Jl.shape[0])])
+        torch.testing.assert_close(torch.kron(layer.A.dense(), layer.G.dense()), Jv.T @ H @ Jv, rtol=1e-9, atol=1e-12)
+
+
 def test_deep_linear_mse_kfac_is_exact_over_a_batch():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 4, bias=False), nn.Linear(4, 3)).to(DT)
@@ -188,14 +215,15 @@ def test_deep_linear_mse_kfac_is_exact_over_a_batch():
         torch.testing.assert_close(torch.kron(layer.A.dense(), layer.G.dense()), ggn, rtol=1e-9, atol=1e-12)
 
 
-def test_true_fisher_monte_carlo_approaches_exact():
+@pytest.mark.parametrize("likelihood", ["categorical", "bernoulli"])
+def test_true_fisher_monte_carlo_approaches_exact(likelihood):
     model = _mlp()
     x = torch.randn(16, 4, dtype=DT)
     Gs = {}
     for fisher, n_samples in (("exact", 1), ("true", 4000)):
         pre = _precond(model, fisher=fisher, seed=3)
         out = model(x)
-        pre.fisher_backward(out, likelihood="categorical", n_samples=n_samples)
+        pre.fisher_backward(out, likelihood=likelihood, n_samples=n_samples)
         pre.step()
         Gs[fisher] = pre.layers["4"].G.dense()
         pre.remove_hooks()

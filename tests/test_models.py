@@ -34,6 +34,34 @@ def test_autoencoder_width_scales_hidden_layers_only():
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 64)
 
 
+def test_autoencoder_sparse_init_is_martens_2010():
+    torch.manual_seed(0)
+    model = models.MNISTAutoencoder(64, width=0.25)
+    for layer in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        nonzero_per_unit = (layer.weight != 0).sum(dim=1)
+        assert torch.all(nonzero_per_unit == min(15, layer.in_features)), layer
+        assert torch.all(layer.bias == 0)
+    # N(0, 1) entries: the sample std of N draws has standard error 1/sqrt(2N); allow 10 of them
+    big = models.sparse_init_(nn.Linear(100, 2000))
+    vals = big.weight[big.weight != 0]
+    assert vals.numel() == 2000 * 15
+    assert abs(float(vals.std()) - 1.0) < 10 / (2 * vals.numel()) ** 0.5
+    # input positions are spread, not always the first ones
+    assert (big.weight != 0).any(dim=0).sum() == 100
+    # reproducible under the global seed, and the dense default is still available
+    torch.manual_seed(0)
+    again = models.MNISTAutoencoder(64, width=0.25)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    dense = models.MNISTAutoencoder(64, width=0.25, init="default")
+    assert (dense.encoder[0].weight != 0).all()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"init": "xavier"}, "init"), ({"sparsity": 0}, "sparsity")])
+def test_autoencoder_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        models.MNISTAutoencoder(64, **kwargs)
+
+
 def test_small_cnn_matches_the_kldwrm_paper():
     model = models.SmallCNN()
     assert model.flat_features == 7 * 4 * 4 == 112

@@ -116,6 +116,12 @@ class Task:
         return not self.is_autoencoder
 
     @property
+    def likelihood(self) -> str:
+        """The predictive distribution of the loss, for sampled-label Fisher
+        statistics: ``"bernoulli"`` (autoencoder pixels) or ``"categorical"``."""
+        return "bernoulli" if self.is_autoencoder else "categorical"
+
+    @property
     def metric_name(self) -> str:
         """Name of the metric reported and compared against the targets."""
         return "train_recon_error" if self.is_autoencoder else "test_accuracy"
@@ -306,6 +312,23 @@ class Stepper:
         self.optimizer = optimizer
         self.curvature = curvature
         self._takes_closure = curvature is not None and "closure" in inspect.signature(curvature.step).parameters
+
+    def _preconditioner(self) -> Any:
+        owner = self.curvature if self.curvature is not None else self.optimizer
+        for obj in (owner, getattr(owner, "preconditioner", None)):
+            if obj is not None and callable(getattr(obj, "fisher_backward", None)):
+                return obj
+        return None
+
+    def before_backward(self, outputs: torch.Tensor, likelihood: str) -> None:
+        """Capture sampled-label curvature before ``loss.backward()`` (``fisher="true"``/``"exact"``).
+
+        A no-op for optimizers without :meth:`~onlinela_torch.KFACPreconditioner.fisher_backward`
+        and for the empirical Fisher.
+        """
+        pre = self._preconditioner()
+        if pre is not None:
+            pre.fisher_backward(outputs, likelihood=likelihood)
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> None:
         """Precondition (if any), then update the parameters.
@@ -553,10 +576,12 @@ def train(
             if torch.distributed.is_available() and torch.distributed.is_initialized():  # data parallel: this rank's shard
                 idx = idx.tensor_split(torch.distributed.get_world_size())[torch.distributed.get_rank()]
             x, y = data.x_train[idx], data.y_train[idx]
-            loss = task.loss(model(x), x, y)
+            out = model(x)
+            loss = task.loss(out, x, y)
             if not torch.isfinite(loss):
                 diverged = True
                 break
+            stepper.before_backward(out, task.likelihood)
             loss.backward()
             stepper.step(lambda x=x: model(x))
             stepper.zero_grad()

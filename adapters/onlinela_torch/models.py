@@ -29,6 +29,7 @@ __all__ = [
     "VGG16_CONFIG",
     "WIDE_HEAD_WIDTH",
     "count_parameters",
+    "sparse_init_",
     "vgg16_bn",
 ]
 
@@ -55,6 +56,30 @@ def _activation(name: str) -> type[nn.Module]:
     return _ACTIVATIONS[name]
 
 
+@torch.no_grad()
+def sparse_init_(layer: nn.Linear, nonzeros: int = 15) -> nn.Linear:
+    """Martens' (2010) sparse initialisation, in place.
+
+    Each output unit keeps ``min(nonzeros, in_features)`` incoming weights,
+    at input positions chosen uniformly without replacement, drawn from
+    ``N(0, 1)``; every other weight and the bias are zero.  Uses torch's
+    global generator.  Cost ``O(out_features · in_features)``.
+
+    Returns
+    -------
+    The same ``layer``.
+    """
+    out_features, in_features = layer.weight.shape
+    k = min(nonzeros, in_features)
+    idx = torch.rand(out_features, in_features, device=layer.weight.device).argsort(dim=1)[:, :k]
+    weight = torch.zeros_like(layer.weight)
+    weight.scatter_(1, idx, torch.randn(out_features, k, device=weight.device, dtype=weight.dtype))
+    layer.weight.copy_(weight)
+    if layer.bias is not None:
+        layer.bias.zero_()
+    return layer
+
+
 def _mlp(sizes: Sequence[int], activation: type[nn.Module]) -> list[nn.Module]:
     """Linear layers between consecutive ``sizes``, an activation after each but the last."""
     layers: list[nn.Module] = []
@@ -70,7 +95,12 @@ class MNISTAutoencoder(nn.Module):
 
     Logistic hidden units, a linear 30-unit code layer and logit outputs (use
     a binary cross-entropy with logits), as in Hinton & Salakhutdinov 2006 and
-    the K-FAC paper's MNIST benchmark.
+    the K-FAC paper's MNIST benchmark.  The default ``init="sparse"`` is that
+    benchmark's initialisation (Martens 2010): every unit gets ``sparsity``
+    non-zero incoming weights drawn from ``N(0, 1)`` and a zero bias.  With
+    PyTorch's dense default initialisation (``init="default"``) the logistic
+    network starts on the mean-image plateau (reconstruction error ≈ 53 on
+    MNIST) where every optimizer stalls for many epochs.
 
     Parameters
     ----------
@@ -85,6 +115,12 @@ class MNISTAutoencoder(nn.Module):
         Code (bottleneck) size.
     activation : {"sigmoid", "tanh", "relu"}, default "sigmoid"
         Hidden nonlinearity.
+    init : {"sparse", "default"}, default "sparse"
+        Weight initialisation (draws from torch's global generator: seed it
+        with :func:`torch.manual_seed` for reproducibility).
+    sparsity : int, default 15
+        Non-zero incoming weights per unit under ``init="sparse"`` (all of
+        them when the layer has fewer inputs).
     """
 
     def __init__(
@@ -95,13 +131,23 @@ class MNISTAutoencoder(nn.Module):
         hidden: Sequence[int] = (1000, 500, 250),
         code: int = 30,
         activation: str = "sigmoid",
+        init: str = "sparse",
+        sparsity: int = 15,
     ) -> None:
         super().__init__()
         act = _activation(activation)
+        if init not in ("sparse", "default"):
+            raise ValueError(f"`init` must be 'sparse' or 'default', got {init!r}")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, int) or sparsity < 1:
+            raise ValueError(f"`sparsity` must be a positive int, got {sparsity!r}")
         sizes = [in_features, *_scaled(hidden, width), code]
         self.sizes = tuple(sizes)
         self.encoder = nn.Sequential(*_mlp(sizes, act))
         self.decoder = nn.Sequential(*_mlp(sizes[::-1], act))
+        if init == "sparse":
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    sparse_init_(module, sparsity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction logits ``(N, in_features)`` of images ``(N, ...)``."""

@@ -503,7 +503,7 @@ class KFACPreconditioner:
         self,
         outputs: torch.Tensor,
         *,
-        likelihood: Literal["categorical", "gaussian"] = "categorical",
+        likelihood: Literal["categorical", "bernoulli", "gaussian"] = "categorical",
         n_samples: int = 1,
     ) -> None:
         r"""Back-propagate label gradients from the model's predictive distribution to capture ``G``.
@@ -516,14 +516,17 @@ class KFACPreconditioner:
         Parameters
         ----------
         outputs : Tensor of shape (n, ..., C)
-            Logits (``"categorical"``: ``p = softmax``) or means (``"gaussian"``,
-            unit variance, i.e. the loss ``½‖f - y‖²``) of the ``n`` samples.
-        likelihood : {"categorical", "gaussian"}
+            Logits (``"categorical"``: ``p = softmax(f)``, the loss
+            ``cross_entropy``; ``"bernoulli"``: ``p = sigmoid(f)`` independently
+            per output, the loss ``binary_cross_entropy_with_logits``, e.g. an
+            autoencoder's pixels) or means (``"gaussian"``, unit variance, i.e.
+            the loss ``½‖f - y‖²``) of the ``n`` samples.
+        likelihood : {"categorical", "bernoulli", "gaussian"}
         n_samples : int >= 1
             ``fisher="true"``: Monte-Carlo labels per sample, averaged.  Ignored
             by ``fisher="exact"``, which back-propagates the ``C`` columns of a
-            square root of the loss Hessian (``√p_c (p - e_c)`` or ``e_c``): the
-            expectation over labels, exactly.
+            square root of the loss Hessian (``√p_c (p - e_c)``,
+            ``√(p_c (1 - p_c)) e_c`` or ``e_c``): the expectation over labels, exactly.
 
         Notes
         -----
@@ -532,8 +535,8 @@ class KFACPreconditioner:
         """
         if self.fisher == "empirical" or not self._plan(self.steps).capture:
             return
-        if likelihood not in ("categorical", "gaussian"):
-            raise ValueError(f"`likelihood` must be 'categorical' or 'gaussian', got {likelihood!r}")
+        if likelihood not in ("categorical", "bernoulli", "gaussian"):
+            raise ValueError(f"`likelihood` must be 'categorical', 'bernoulli' or 'gaussian', got {likelihood!r}")
         n_samples = V.check_int(n_samples, "n_samples", low=1)
         f = outputs.detach()
         if f.dtype not in (torch.float32, torch.float64):  # autocast outputs: sample in float32
@@ -546,6 +549,10 @@ class KFACPreconditioner:
             if likelihood == "categorical":
                 p = torch.softmax(f, -1)
                 vecs = [p[..., c : c + 1].sqrt() * (p - eye[c]) for c in range(C)]
+            elif likelihood == "bernoulli":
+                p = torch.sigmoid(f)
+                root = (p * (1.0 - p)).sqrt()
+                vecs = [root * eye[c] for c in range(C)]
             else:
                 vecs = [eye[c].expand_as(f) for c in range(C)]
             weight = 1.0
@@ -558,6 +565,9 @@ class KFACPreconditioner:
                 for _ in range(n_samples):
                     y = torch.multinomial(flat, 1, generator=gen).reshape(p.shape[:-1])
                     vecs.append(p - torch.nn.functional.one_hot(y, C).to(p.dtype))
+            elif likelihood == "bernoulli":
+                p = torch.sigmoid(f)
+                vecs = [p - torch.bernoulli(p, generator=gen) for _ in range(n_samples)]
             else:
                 vecs = [torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype) for _ in range(n_samples)]
             weight = 1.0 / n_samples
