@@ -196,6 +196,10 @@ def test_bad_configs_and_models_are_rejected():
         pre.step()
     with pytest.raises(TypeError, match="sets `method`"):
         KFAC(_mlp(), method="rs-kfac")
+    model = _mlp()
+    pre = KFACPreconditioner(model, fisher="true")
+    with pytest.raises(ValueError, match="`likelihood` must be 'categorical', 'bernoulli' or 'gaussian'"):
+        pre.fisher_backward(model(torch.randn(2, 10)), likelihood="poisson")
 
 
 def test_layer_selection_by_name_and_type():

@@ -43,7 +43,7 @@ def test_autoencoder_sparse_init_is_martens_2010():
         assert torch.all(layer.bias == 0)
     # N(0, 1) entries: the sample std of N draws has standard error 1/sqrt(2N); allow 10 of them
     big = models.sparse_init_(nn.Linear(100, 2000))
-    vals = big.weight[big.weight != 0]
+    vals = big.weight.detach()[big.weight != 0]
     assert vals.numel() == 2000 * 15
     assert abs(float(vals.std()) - 1.0) < 10 / (2 * vals.numel()) ** 0.5
     # input positions are spread, not always the first ones
