@@ -228,3 +228,52 @@ def test_console_entry_point():
     assert res.returncode == 0
     for cmd in ("compare", "train", "spectrum", "demo"):
         assert cmd in res.stdout
+
+
+def _pixels_dataset(n=48, side=8, seed=0):
+    from onlinela_torch.data import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, side, side, generator=g)
+    y = torch.zeros(n, dtype=torch.int64)
+    return Dataset("synthetic", "generated", x, y, x[:8], y[:8])
+
+
+def test_training_loop_feeds_the_sampled_bernoulli_fisher_to_the_autoencoder():
+    task = ex.TASKS["mnist-autoencoder"]
+    assert task.likelihood == "bernoulli" and task.kfac["fisher"] == "true" and task.kfac_momentum == 0.9
+    assert ex.TASKS["mnist-mlp"].likelihood == "categorical"
+    data = _pixels_dataset()
+    torch.manual_seed(0)
+    model = task.build_model(data)
+    stepper = ex.build_stepper("kfac", model, lr=0.1, task=task, kfac_options={"factor_update_freq": 1})
+    assert stepper.optimizer.param_groups[0]["momentum"] == 0.9  # the task's default
+    ex.train(task, data, model, stepper, epochs=1, batch_size=16, seed=0)
+    pre = stepper.optimizer.preconditioner
+    stats = pre.stats()
+    assert stats["step"] == 3
+    for name, layer in stats["layers"].items():
+        assert layer["counters"]["missing_fisher"] == 0, name
+    assert float(pre.layers["decoder.6"].G.dense().diagonal().min()) > 0  # sampled p - y rows reached G
+
+    # without the training loop's before_backward hook, the sampled-Fisher statistics go missing
+    torch.manual_seed(0)
+    model = task.build_model(data)
+    stepper = ex.build_stepper("kfac", model, lr=0.1, task=task, kfac_options={"factor_update_freq": 1})
+    x = data.x_train[:16]
+    task.loss(model(x), x, None).backward()
+    stepper.step()
+    counters = stepper.optimizer.preconditioner.stats()["layers"]["decoder.6"]["counters"]
+    assert counters["missing_fisher"] == 1
+
+
+def test_compare_records_the_task_defaults(tmp_path, capsys):
+    code, _, _ = run(["compare", "--task", "digits-autoencoder", "--max-train", "64", "--batch-size", "32",
+                      "--epochs", "1", "--optimizers", "sgd", "--lr", "0.1", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    config = json.loads((tmp_path / "compare.json").read_text())["config"]
+    assert config["kfac_momentum"] == ex.TASKS["digits-autoencoder"].kfac_momentum
+    code, _, _ = run(["compare", "--task", "digits-autoencoder", "--max-train", "64", "--batch-size", "32",
+                      "--epochs", "1", "--optimizers", "sgd", "--lr", "0.1", "--kfac-momentum", "0.5",
+                      "--out", str(tmp_path)], capsys)
+    assert json.loads((tmp_path / "compare.json").read_text())["config"]["kfac_momentum"] == 0.5

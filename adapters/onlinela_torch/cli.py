@@ -758,12 +758,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # Subnormal floats (gradients of saturated logistic units reach 1e-38) make
+    # Subnormal floats (gradients of saturated logistic units reach 1e-34) make
     # CPU matrix products ~10x slower; flushing them to zero is what GPUs do and
-    # treats every optimizer alike.
+    # treats every optimizer alike.  Reset on return: main() may run in-process.
     torch.set_flush_denormal(True)
     try:
         return int(args.func(args))
     except (CLIError, DataError) as exc:
         sys.stderr.write(f"onlinela {args.command}: error: {exc}\n")
         return 2
+    finally:
+        torch.set_flush_denormal(False)
