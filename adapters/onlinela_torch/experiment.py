@@ -208,7 +208,7 @@ TASKS: dict[str, Task] = {
              description="MLP classifier 784-512-256-10, MNIST"),
         Task("mnist-cnn", "mnist", "cnn", 128, 10, (85.0, 90.0, 93.0), _SMALL_KFAC,
              description="the KLD-WRM paper's small CNN, MNIST"),
-        Task("digits-autoencoder", "digits", "autoencoder", 64, 10, (8.0, 6.0, 4.0), _SMALL_KFAC, width=0.25,
+        Task("digits-autoencoder", "digits", "autoencoder", 64, 10, (4.0, 3.0, 2.0), _SMALL_KFAC, width=0.25,
              description="autoencoder on scikit-learn's 8x8 digits"),
         Task("digits-mlp", "digits", "mlp", 64, 10, (90.0, 94.0, 96.0), _SMALL_KFAC, width=0.25,
              description="MLP classifier on scikit-learn's 8x8 digits"),
