@@ -60,6 +60,8 @@ def test_autoencoder_sparse_init_is_martens_2010():
 def test_autoencoder_rejects_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         models.MNISTAutoencoder(64, **kwargs)
+    with pytest.raises(ValueError, match="nonzeros"):
+        models.sparse_init_(nn.Linear(3, 2), nonzeros=0)
 
 
 def test_small_cnn_matches_the_kldwrm_paper():

@@ -69,6 +69,8 @@ def sparse_init_(layer: nn.Linear, nonzeros: int = 15) -> nn.Linear:
     -------
     The same ``layer``.
     """
+    if isinstance(nonzeros, bool) or not isinstance(nonzeros, int) or nonzeros < 1:
+        raise ValueError(f"`nonzeros` must be a positive int, got {nonzeros!r}")
     out_features, in_features = layer.weight.shape
     k = min(nonzeros, in_features)
     idx = torch.rand(out_features, in_features, device=layer.weight.device).argsort(dim=1)[:, :k]
@@ -100,7 +102,7 @@ class MNISTAutoencoder(nn.Module):
     non-zero incoming weights drawn from ``N(0, 1)`` and a zero bias.  With
     PyTorch's dense default initialisation (``init="default"``) the logistic
     network starts on the mean-image plateau (reconstruction error ≈ 53 on
-    MNIST) where every optimizer stalls for many epochs.
+    MNIST), where every optimizer we tried stalled.
 
     Parameters
     ----------
