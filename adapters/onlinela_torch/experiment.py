@@ -334,6 +334,13 @@ class Stepper:
 
         A no-op for optimizers without :meth:`~onlinela_torch.KFACPreconditioner.fisher_backward`
         and for the empirical Fisher.
+
+        Parameters
+        ----------
+        outputs : Tensor of shape (n, C)
+            The model's outputs on the current batch (the graph is kept).
+        likelihood : {"categorical", "bernoulli", "gaussian"}
+            The predictive distribution the loss assumes (:attr:`Task.likelihood`).
         """
         if self._fisher is not None:
             self._fisher.fisher_backward(outputs, likelihood=likelihood)

@@ -65,9 +65,22 @@ def sparse_init_(layer: nn.Linear, nonzeros: int = 15) -> nn.Linear:
     ``N(0, 1)``; every other weight and the bias are zero.  Uses torch's
     global generator.  Cost ``O(out_features · in_features)``.
 
+    Parameters
+    ----------
+    layer : torch.nn.Linear
+        Weight of shape ``(out_features, in_features)``, any float dtype and
+        device (kept); overwritten in place.
+    nonzeros : int >= 1, default 15
+        Non-zero incoming weights per output unit.
+
     Returns
     -------
     The same ``layer``.
+
+    Raises
+    ------
+    ValueError
+        If ``nonzeros`` is not a positive int.
     """
     if isinstance(nonzeros, bool) or not isinstance(nonzeros, int) or nonzeros < 1:
         raise ValueError(f"`nonzeros` must be a positive int, got {nonzeros!r}")
