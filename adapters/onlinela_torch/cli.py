@@ -374,7 +374,9 @@ def _plot_compare(path: pathlib.Path, task: ex.Task, targets: Sequence[float], r
 
 
 # --------------------------------------------------------------------- train
-_RESUME_KEYS = ("task", "optimizer", "lr", "seed", "batch_size", "width", "momentum", "kfac_momentum", "weight_decay")
+#: Settings a resumed run must share with its checkpoint; compared before any state is loaded.
+_RESUME_KEYS = ("task", "optimizer", "lr", "seed", "batch_size", "width", "momentum", "kfac_momentum", "weight_decay",
+                "kfac_options")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -387,7 +389,6 @@ def _train(args: argparse.Namespace) -> int:
         raise CLIError("--resume needs --checkpoint PATH (the file to resume from)")
     if args.resume == "required" and not pathlib.Path(args.checkpoint).is_file():
         raise CLIError(f"--resume: no checkpoint at {args.checkpoint}")
-    data = _load(args, task)
     lr = args.lr or ex.available_optimizers()[name].lr
     batch = args.batch_size or task.batch_size
     epochs = args.epochs or task.epochs
@@ -395,23 +396,22 @@ def _train(args: argparse.Namespace) -> int:
               "width": args.width, "momentum": args.momentum, "kfac_momentum": args.kfac_momentum,
               "weight_decay": args.weight_decay,
               "kfac_options": _kfac_options(args)}
-    model, stepper = _build(args, task, data, name, lr, args.seed)
-    net = _data_parallel(model, stepper, batch) if dp.distributed_active() else model
-    main_rank = not dp.distributed_active() or torch.distributed.get_rank() == 0
-    history = None
     resume = args.resume == "required" or (args.resume == "auto" and _checkpoint_exists(args.checkpoint))
     if args.resume == "auto" and not resume:
         logger.info("--resume auto: no checkpoint at %s, starting from epoch 0", args.checkpoint)
-    if resume:
+    state = _read_resume(args.checkpoint, config) if resume else None  # before any data or state is loaded
+    data = _load(args, task)
+    model, stepper = _build(args, task, data, name, lr, args.seed)
+    net = _data_parallel(model, stepper, batch) if dp.distributed_active() else model
+    main_rank = not dp.distributed_active() or torch.distributed.get_rank() == 0
+    if args.checkpoint and main_rank:
+        ex.discard_partial_checkpoint(args.checkpoint)  # a writer killed mid-save left its temporary file
+    history = None
+    if state is not None:
         try:
-            state = ex.load_checkpoint(args.checkpoint, model=model, stepper=stepper)
-        except (RuntimeError, KeyError, OSError, EOFError) as exc:
-            raise CLIError(f"--resume: {args.checkpoint} is not a checkpoint of this run: {exc}") from None
-        saved = state["config"]
-        diff = [k for k in _RESUME_KEYS if saved.get(k) != config[k]]
-        if diff:
-            raise CLIError("--resume: the checkpoint was written with different settings: "
-                           + ", ".join(f"{k}={saved.get(k)!r} (now {config[k]!r})" for k in diff))
+            ex.restore_checkpoint(state, model=model, stepper=stepper)
+        except ex.CheckpointError as exc:
+            raise CLIError(f"--resume: {args.checkpoint}: {exc}") from None
         history = state["history"]
         logger.info("resumed from %s at epoch %d", args.checkpoint, state["epoch"])
 
@@ -442,6 +442,18 @@ def _train(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{name} on {task.name}: epoch {last['epoch']}, {task.metric_name} {last['metric']:.4g}{status}, "
                      f"{last['seconds']:.1f} s training; wrote {out / 'train.json'}\n")
     return 1 if result.diverged else 0
+
+
+def _read_resume(path: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The verified checkpoint at ``path``, refused unless its settings are ``config``'s (:data:`_RESUME_KEYS`)."""
+    try:
+        state = ex.read_checkpoint(path)
+    except ex.CheckpointError as exc:
+        raise CLIError(f"--resume: {exc}") from None
+    diff = ex.checkpoint_differences(state["config"], config, _RESUME_KEYS)
+    if diff:
+        raise CLIError(f"--resume: {path} was written with different settings: {', '.join(diff)}")
+    return state
 
 
 def _checkpoint_exists(path: str) -> bool:

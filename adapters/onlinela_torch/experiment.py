@@ -14,7 +14,9 @@ optimizer's ``step``, as its contract requires.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import io
 import logging
 import math
 import os
@@ -35,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASELINES",
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
     "EAFactorRecorder",
     "KFAC_METHODS",
     "KLDWRM_VARIANTS",
@@ -46,12 +50,17 @@ __all__ = [
     "Task",
     "available_optimizers",
     "build_stepper",
+    "checkpoint_differences",
+    "discard_partial_checkpoint",
     "load_checkpoint",
     "phase_seconds",
     "reached",
+    "read_checkpoint",
+    "restore_checkpoint",
     "save_checkpoint",
     "select_lr",
     "train",
+    "verify_checkpoint_bytes",
 ]
 
 #: The K-FAC family as named in the architecture's API contract (the order of
@@ -673,6 +682,67 @@ def select_lr(
 
 
 # ---------------------------------------------------------------- checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupted, or written by a different run.
+
+    The message is one line and names the file.
+    """
+
+
+#: Version tag of the checkpoint trailer; a file without it is refused.
+CHECKPOINT_FORMAT = b"onlinela-checkpoint-v1"
+_TRAILER_TAG = b"\n" + CHECKPOINT_FORMAT + b" sha256="
+_TRAILER_LEN = len(_TRAILER_TAG) + 64 + 1  # 64 hex digits and a newline
+_CHECKPOINT_KEYS = ("model", "stepper", "rng", "history", "epoch", "config")
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line (``load_state_dict`` errors span several), at most 300 characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _tmp_path(path: pathlib.Path) -> pathlib.Path:
+    """Where :func:`save_checkpoint` writes before the rename (next to ``path``, same file system)."""
+    return path.with_name(path.name + ".tmp")
+
+
+def discard_partial_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Remove the temporary file an interrupted :func:`save_checkpoint` of ``path`` left behind.
+
+    A writer killed before its rename (SIGKILL, power loss) leaves
+    ``<path>.tmp``; ``path`` itself is the previous complete checkpoint or
+    absent.  Call this when no other process is writing ``path``:
+    :func:`save_checkpoint` does, and ``onlinela train`` does at start.
+
+    Returns
+    -------
+    bool
+        Whether a stale temporary file was removed (logged at INFO).
+    """
+    tmp = _tmp_path(pathlib.Path(path))
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        return False
+    logger.info("removed %s, left by an interrupted checkpoint write", tmp)
+    return True
+
+
+def _fsync_dir(directory: pathlib.Path) -> None:
+    """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -681,11 +751,22 @@ def save_checkpoint(
     history: list[dict[str, float]],
     config: Mapping[str, Any],
 ) -> None:
-    """Write a checkpoint atomically (a temporary file, then a rename).
+    """Write a checkpoint atomically, with a SHA-256 digest of its bytes.
 
     Holds the model, the optimizer and the preconditioner's ``state_dict``,
     torch's CPU (and CUDA) RNG states, the history (its last record is the
     epoch reached) and ``config`` (the run's settings, checked on resume).
+
+    Layout: the bytes of :func:`torch.save` (a zip archive, still readable by
+    ``torch.load``), then a fixed-size trailer
+    ``b"\\nonlinela-checkpoint-v1 sha256=<64 hex digits>\\n"`` holding the
+    SHA-256 of everything before it, which :func:`read_checkpoint` verifies.
+    The file is written to ``<path>.tmp``, flushed and fsync'ed, then renamed
+    over ``path`` (:func:`os.replace`) and the directory fsync'ed: a reader
+    sees the old checkpoint or the new one, never a mix.  A stale
+    ``<path>.tmp`` from a killed writer is removed first; one from an
+    exception here is removed on the way out.  Cost: one serialisation and
+    one SHA-256 pass over the state (O(size)).
     """
     path = pathlib.Path(path)
     state = {
@@ -698,27 +779,173 @@ def save_checkpoint(
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    trailer = _TRAILER_TAG + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    logger.debug("checkpoint: epoch %d -> %s", state["epoch"], path)
+    discard_partial_checkpoint(path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.write(trailer)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    logger.debug("checkpoint: epoch %d -> %s (%d bytes)", state["epoch"], path, len(payload) + len(trailer))
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, model: nn.Module, stepper: Stepper) -> dict[str, Any]:
-    """Restore a checkpoint into ``model`` and ``stepper`` and the RNG states.
+def verify_checkpoint_bytes(blob: bytes, name: str = "checkpoint") -> bytes:
+    """The :func:`torch.save` payload of a checkpoint's bytes, after checking its digest.
+
+    Parameters
+    ----------
+    blob : bytes
+        The whole file.
+    name : str, default "checkpoint"
+        Names the file in error messages.
+
+    Returns
+    -------
+    bytes
+        ``blob`` without its trailer.
+
+    Raises
+    ------
+    CheckpointError
+        If ``blob`` is empty, has no valid trailer (not a checkpoint of this
+        format, truncated) or its SHA-256 differs from the stored one (any
+        changed byte).
+    """
+    if not blob:
+        raise CheckpointError(f"{name} is empty (0 bytes)")
+    trailer, payload = blob[-_TRAILER_LEN:], blob[:-_TRAILER_LEN]
+    stored = trailer[len(_TRAILER_TAG):-1]
+    if (len(blob) <= _TRAILER_LEN or not trailer.startswith(_TRAILER_TAG) or not trailer.endswith(b"\n")
+            or len(stored) != 64 or not all(c in b"0123456789abcdef" for c in stored)):
+        raise CheckpointError(f"{name} is not an onlinela checkpoint ({CHECKPOINT_FORMAT.decode()}), "
+                              f"or it is truncated: no integrity trailer at its end ({len(blob)} bytes)")
+    if hashlib.sha256(payload).hexdigest().encode("ascii") != stored:
+        raise CheckpointError(f"{name} is corrupted: its SHA-256 does not match the digest stored in it")
+    return payload
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and verify a checkpoint without applying it (compare its ``config`` first).
+
+    Returns
+    -------
+    dict
+        ``model``, ``stepper``, ``rng``, ``history``, ``epoch``, ``config``.
+
+    Raises
+    ------
+    CheckpointError
+        If the file cannot be read, fails :func:`verify_checkpoint_bytes`, or
+        lacks an entry.
+    """
+    try:
+        blob = pathlib.Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    payload = verify_checkpoint_bytes(blob, str(path))
+    try:  # the digest matched: these are bytes save_checkpoint wrote
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a digest-valid file this torch cannot read (another torch version)
+        raise CheckpointError(f"{path}: torch.load failed on a digest-valid checkpoint: {_one_line(exc)}") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a checkpoint of onlinela train")
+    return state
+
+
+def checkpoint_differences(saved: Mapping[str, Any], config: Mapping[str, Any],
+                           keys: Sequence[str] | None = None) -> list[str]:
+    """The settings in which a checkpoint's ``config`` differs from ``config``.
+
+    Parameters
+    ----------
+    saved, config : Mapping
+        The checkpoint's settings and the current run's.
+    keys : sequence of str, optional
+        The settings to compare (default every key of ``config``).
+
+    Returns
+    -------
+    list of str
+        ``"key=saved (now current)"`` per differing key, in ``keys`` order.
+    """
+    keys = list(config) if keys is None else keys
+    return [f"{k}={saved.get(k)!r} (now {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
+
+
+def restore_checkpoint(state: Mapping[str, Any], *, model: nn.Module, stepper: Stepper) -> None:
+    """Load what :func:`read_checkpoint` returned into ``model``, ``stepper`` and torch's RNGs.
+
+    Raises
+    ------
+    CheckpointError
+        If the state does not fit ``model`` or ``stepper`` (one-line message).
+    """
+    try:
+        model.load_state_dict(state["model"])
+        stepper.load_state_dict(state["stepper"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"the checkpoint does not fit this model and optimizer: {_one_line(exc)}") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    model: nn.Module,
+    stepper: Stepper,
+    config: Mapping[str, Any] | None = None,
+    compare: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Verify a checkpoint, compare its settings, then restore it into ``model``, ``stepper`` and the RNGs.
+
+    Nothing is restored unless the digest matches and the settings agree
+    (:func:`read_checkpoint`, :func:`checkpoint_differences`,
+    :func:`restore_checkpoint`).
+
+    Parameters
+    ----------
+    path : path-like
+        A file :func:`save_checkpoint` wrote.
+    model : torch.nn.Module
+        Receives the model state.
+    stepper : Stepper
+        Receives the optimizer and curvature state.
+    config : Mapping, optional
+        The current run's settings; compared with the checkpoint's before
+        anything is loaded.
+    compare : sequence of str, optional
+        The keys of ``config`` to compare (default all).
 
     Returns
     -------
     dict
         The checkpoint (``history``, ``epoch``, ``config``, ...).
+
+    Raises
+    ------
+    CheckpointError
+        Unreadable or corrupted file, different settings, or a state that does
+        not fit ``model``/``stepper``; always a one-line message.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    stepper.load_state_dict(state["stepper"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    state = read_checkpoint(path)
+    if config is not None:
+        diff = checkpoint_differences(state["config"], config, compare)
+        if diff:
+            raise CheckpointError(f"{path} was written with different settings: {', '.join(diff)}")
+    restore_checkpoint(state, model=model, stepper=stepper)
     return state
 
 
