@@ -42,6 +42,7 @@ pytestmark = [
 
 METHODS = ("kfac", "rs-kfac", "b-kfac")
 STEPS, BATCH, HALF = 6, 16, 3
+LONG = 40  # steps of the rank-agreement run: 20 decomposition rounds (benchmarks/distributed_kfac.py --agreement runs 300)
 OPTIONS = dict(
     factor_dtype=torch.float64, inv_dtype=torch.float64, rank=8, oversample=4, n_iter=2,
     factor_update_freq=1, inv_update_freq=2, damping=1e-2, kl_clip=None,
@@ -104,12 +105,44 @@ def _expect_error(build) -> str:
     return ""
 
 
+def _layouts(precond) -> dict:
+    """Shape and strides of every stored decomposition tensor (snapshot and Brand state), per factor."""
+    out = {}
+    for name, layer in precond.layers.items():
+        for which, f in layer.factors():
+            held = {"eigen": None if f.eigen is None else f.eigen.approx, "brand": getattr(f, "brand", None)}
+            out[f"{name}/{which}"] = {
+                k: None if lr is None else [(tuple(t.shape), t.stride()) for t in (lr.eigvecs, lr.eigvals)]
+                for k, lr in held.items()
+            }
+    return out
+
+
+def _long_run(method: str, rank: int, world: int) -> dict:
+    """LONG steps on fresh batches; the parameters after each decomposition round and the stored layouts."""
+    model = _model()
+    precond = DistributedKFACPreconditioner(model, method=method, **OPTIONS)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    trace = []
+    for k in range(LONG):
+        x = torch.randn(BATCH, 60, generator=g, dtype=torch.float64)
+        y = torch.randn(BATCH, 4, generator=g, dtype=torch.float64)
+        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
+        precond.step()
+        opt.step()
+        trace.append(_params(model))
+    return {"trace": torch.stack(trace), "layouts": _layouts(precond)}
+
+
 def _worker(out: str) -> None:
     torch.set_num_threads(1)  # 2 processes on 2 cores
     out_dir = pathlib.Path(out)
     rank, world = dist.get_rank(), dist.get_world_size()
     shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    res: dict = {}
+    res: dict = {"long": {method: _long_run(method, rank, world) for method in METHODS}}
     for method in METHODS:  # without DDP: the preconditioner averages the gradients
         model = _model()
         precond = DistributedKFACPreconditioner(model, method=method, **OPTIONS)
@@ -172,20 +205,43 @@ def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     model, precond, opt = _single("b-kfac", range(HALF))
     torch.save(_checkpoint(model, opt, precond), out / "one_rank_half.pt")
-    spawn(_worker, 2, (str(out),), timeout=TIMEOUT)
+    try:
+        spawn(_worker, 2, (str(out),), timeout=TIMEOUT)
+    except Exception as exc:  # a worker raised, died or timed out: every test below fails and says why
+        return out, exc
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _ok(two_ranks) -> tuple[pathlib.Path, list]:
+    """The per-rank results of :func:`two_ranks`, read in the test body: a dead worker is a *failure*, not an error."""
+    out, res = two_ranks
+    if isinstance(res, BaseException):
+        pytest.fail(f"the 2-rank worker group failed: {type(res).__name__}: {res}", pytrace=False)
+    return out, res
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_ranks_match_one_rank_on_the_same_global_batch(two_ranks, method):
-    _, res = two_ranks
+    _, res = _ok(two_ranks)
     ref = _params(_single(method)[0])
     torch.testing.assert_close(res[0][method]["params"], ref, rtol=0, atol=1e-9)
     torch.testing.assert_close(res[0][method]["params"], res[1][method]["params"], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_stay_bitwise_equal_and_store_the_same_layouts(two_ranks, method):
+    """Identical by construction: the owner stores what it broadcasts (row-major), so products round alike."""
+    _, res = _ok(two_ranks)
+    r0, r1 = res[0]["long"][method], res[1]["long"][method]
+    assert r0["layouts"] == r1["layouts"]
+    stored = [spec for f in r0["layouts"].values() for lr in f.values() if lr is not None for spec in lr]
+    assert stored and all(stride == torch.empty(shape).stride() for shape, stride in stored)  # row-major everywhere
+    differ = (r0["trace"] != r1["trace"]).any(dim=1)
+    assert not bool(differ.any()), f"ranks differ from step {int(differ.nonzero()[0])} of {LONG}"
+
+
 def test_ddp_wrapped_model_matches_one_rank(two_ranks):
-    _, res = two_ranks
+    _, res = _ok(two_ranks)
     ref = _params(_single("rs-kfac")[0])
     torch.testing.assert_close(res[0]["ddp"]["params"], ref, rtol=0, atol=1e-9)
     assert res[0]["ddp"]["stats"]["bytes_total"]["gradients"] == 0  # DDP averaged them
@@ -193,7 +249,7 @@ def test_ddp_wrapped_model_matches_one_rank(two_ranks):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_decompositions_are_split_across_ranks(two_ranks, method):
-    _, res = two_ranks
+    _, res = _ok(two_ranks)
     s0, s1 = res[0][method]["stats"], res[1][method]["stats"]
     assert s0["owners"] == s1["owners"] and set(s0["owners"].values()) == {0, 1}
     assert s0["decompositions"] > 0 and s1["decompositions"] > 0
@@ -212,19 +268,19 @@ def test_decompositions_are_split_across_ranks(two_ranks, method):
 
 
 def test_kfac_preconditioner_is_distributed_automatically_under_a_process_group(two_ranks):
-    _, res = two_ranks
+    _, res = _ok(two_ranks)
     assert res[0]["auto"] == res[1]["auto"] == ("DistributedKFACPreconditioner", True)
 
 
 def test_pluggable_assignment_policy(two_ranks):
-    _, res = two_ranks
+    _, res = _ok(two_ranks)
     s0, s1 = res[0]["all_on_last"], res[1]["all_on_last"]
     assert set(s0["owners"].values()) == {1}
     assert s0["decompositions"] == 0 and s1["decompositions"] > 0 and s0["received"] == s1["decompositions"]
 
 
 def test_resume_on_a_different_world_size(two_ranks):
-    out, res = two_ranks
+    out, res = _ok(two_ranks)
     # 1 process -> 2 ranks: continues like the uninterrupted 1-process run
     ref = _params(_single("b-kfac")[0])
     torch.testing.assert_close(res[0]["resumed"]["params"], ref, rtol=0, atol=1e-9)
@@ -235,7 +291,7 @@ def test_resume_on_a_different_world_size(two_ranks):
 
 
 def test_mismatched_configuration_is_a_clear_error_on_every_rank(two_ranks):
-    _, res = two_ranks
+    _, res = _ok(two_ranks)
     for r in range(2):
         assert "configured differently" in res[r]["bad_method"] and "method" in res[r]["bad_method"]
         assert "configured differently" in res[r]["bad_layers"] and "layers" in res[r]["bad_layers"]
@@ -264,6 +320,19 @@ def test_decomposition_cost_follows_the_factor_kind():
     assert costs["kfac"] == 61.0**3
     assert costs["rs-kfac"] == 61.0**2 * (8 + 4) * 3
     assert costs["b-kfac"] == 61.0 * (8 + BATCH) ** 2
+
+
+@pytest.mark.parametrize("method", ["kfac", "rs-kfac", "b-kfac", "br-kfac", "b-kfac-c"])
+def test_every_stored_decomposition_is_row_major(method):
+    """What an owner keeps has the layout of what a receiver gets from a broadcast (LAPACK returns column-major)."""
+    model = _model()
+    precond = KFACPreconditioner(model, method=method, **{**OPTIONS, "inv_update_freq": 1})
+    _run(model, precond, torch.optim.SGD(model.parameters(), lr=0.1), range(3))
+    layouts = _layouts(precond)
+    stored = [spec for f in layouts.values() for lr in f.values() if lr is not None for spec in lr]
+    assert len(stored) >= 2 * len(layouts)  # a snapshot in every factor
+    assert all(stride == torch.empty(shape).stride() for shape, stride in stored), layouts
+    precond.remove_hooks()
 
 
 def test_without_a_process_group():

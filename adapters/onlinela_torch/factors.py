@@ -438,7 +438,9 @@ class FactorState(abc.ABC):
             w = torch.where(w < EIG_CLIP * wmax, torch.zeros_like(w), w)
             wmin = 0.0
         deb = self._debias(count)
-        approx = LowRankPSD._trusted(U.to(self.inv_dtype), (w * deb).to(self.inv_dtype))
+        # row-major storage on every rank: an owner's LAPACK output (column-major) and a broadcast copy
+        # (contiguous) would otherwise enter the preconditioning products with different roundings
+        approx = LowRankPSD._trusted(U.to(self.inv_dtype).contiguous(), (w * deb).to(self.inv_dtype).contiguous())
         self.eigen = FactorEigen(approx, wmax * deb, wmin * deb)
         self.errors.append(0.0 if exact or wmax == 0 else wmin / wmax)
         del self.errors[:-32]
@@ -554,7 +556,7 @@ class BrandFactor(FactorState):
         out = self._guarded(lambda: (_brand_update(prev, X, self.decay, r),), step)
         if out is None:
             return
-        self.brand = out[0]
+        self.brand = _row_major_lowrank(out[0])
         self.brand_count += 1
         if correct:
             self._correct(step)
@@ -634,7 +636,7 @@ class BrandDenseFactor(BrandFactor):
             lambda: (_rayleigh_ritz_refresh(self.brand, self._raw_ea_for_brand(), self.fraction, self.rng),), step
         )
         if out is not None:
-            self.brand = out[0]
+            self.brand = _row_major_lowrank(out[0])
 
     def refresh(self, *, decompose: bool, overwrite: bool, damping: float, step: int) -> None:  # noqa: D102
         if not overwrite or self.ea is None:
@@ -650,9 +652,14 @@ class BrandDenseFactor(BrandFactor):
         out = self._guarded(run, step)
         if out is None:
             return
-        self.brand = out[0]
+        self.brand = _row_major_lowrank(out[0])
         self.brand_count = self.ea_count
         self._snapshot(self.brand.eigvecs, self.brand.eigvals, self.brand_count, exact=False)
+
+
+def _row_major_lowrank(lr: LowRankPSD) -> LowRankPSD:
+    """``lr`` with row-major eigenvectors and eigenvalues: the layout every rank stores (see :meth:`FactorState._snapshot`)."""
+    return LowRankPSD._trusted(lr.eigvecs.contiguous(), lr.eigvals.contiguous(), lr.complement)
 
 
 def _exact(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
