@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -228,6 +229,124 @@ def test_console_entry_point():
     assert res.returncode == 0
     for cmd in ("compare", "train", "spectrum", "demo"):
         assert cmd in res.stdout
+    assert "onlinela_torch.data" in res.stdout  # the :mod: role's text survives, the markup does not
+    _assert_no_markup(res.stdout)
+
+
+RST_MARKUP = re.compile(r"``|:[a-z]+:`|`[^`]+`_?")
+
+
+def _assert_no_markup(text):
+    found = RST_MARKUP.findall(text)
+    assert not found, found
+
+
+def test_help_of_every_subcommand_is_plain_text():
+    from onlinela_torch.cli import build_parser
+
+    parser = build_parser()
+    _assert_no_markup(parser.format_help())
+    subparsers = next(a for a in parser._actions if a.choices and "compare" in a.choices)
+    assert set(subparsers.choices) == {"compare", "demo", "train", "spectrum"}
+    for name, sub in subparsers.choices.items():
+        _assert_no_markup(sub.format_help())
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["compare", "--epoch", "2"], ["demo", "--optim", "sgd"], ["train", "--epoch", "2"], ["train", "--check", "x.pt"],
+     ["spectrum", "--lay", "0"], ["--qui", "compare"]],
+)
+def test_option_prefixes_are_not_accepted(args, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2 and out == ""
+    assert "unrecognized arguments" in err or "invalid choice" in err or "required" in err, err
+
+
+# ------------------------------------------------------- --kfac-opt and failures
+def one_line_error(code, out, err, status=2):
+    assert code == status, (code, err)
+    assert out == "" and "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if any training starts (checks that an error comes up front)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the arguments were validated")
+
+    monkeypatch.setattr(ex, "train", refuse)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["compare", "--optimizers", "kfac", "--kfac-opt", "rank=abc"], "kfac: `rank` must be a positive int"),
+        (["compare", "--optimizers", "sgd,kfac", "--kfac-opt", "damping=-1"], "damping"),
+        (["train", "--optimizer", "kfac", "--kfac-opt", "rank=abc"], "kfac: `rank` must be a positive int"),
+        (["compare", "--optimizers", "rs-kfac", "--kfac-opt", "method=kfac"],
+         "method='kfac' contradicts the requested optimizer(s) rs-kfac"),
+        (["compare", "--optimizers", "kfac,kld-wrm-q", "--kfac-opt", "method=kfac"], "requested optimizer(s) kld-wrm-q"),
+        (["train", "--optimizer", "b-kfac", "--kfac-opt", "method=rs-kfac"], "contradicts"),
+        (["compare", "--optimizers", "kfac", "--kfac-opt", "lr=0.3"], "set it with --lr"),
+        (["compare", "--optimizers", "sgd,adam", "--kfac-opt", "damping=0.1"], "none of sgd, adam is one"),
+        (["spectrum", "--kfac-opt", "damping=0.1"], "none of sgd is one"),
+    ],
+)
+def test_bad_kfac_options_fail_before_any_training(tmp_path, capsys, no_training, args, message):
+    needed = {"kfac", "rs-kfac", "b-kfac", "kld-wrm-q"} & set(" ".join(args).replace(",", " ").split())
+    if not needed <= set(ex.available_optimizers()):
+        pytest.skip(f"{needed} not importable in this installation")
+    out_dir = tmp_path / "out"
+    code, out, err = run([args[0], *TINY, *args[1:], "--out", str(out_dir)], capsys)
+    assert message in one_line_error(code, out, err)
+    assert not out_dir.exists()  # nothing written, no empty PNG
+
+
+def test_a_consistent_method_option_is_accepted(tmp_path, capsys):
+    if "rs-kfac" not in ex.available_optimizers():
+        pytest.skip("rs-kfac is not importable in this installation")
+    code, _, err = run(["compare", *TINY, "--max-train", "64", "--epochs", "1", "--optimizers", "rs-kfac", "--lr",
+                        "0.01", "--kfac-opt", "method=rs-kfac", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+
+
+@pytest.fixture
+def adam_breaks(monkeypatch):
+    """Make every Adam run raise inside training (a broken optimizer that passes validation)."""
+    real = ex.train
+
+    def train(task, data, model, stepper, **kwargs):
+        if isinstance(stepper.optimizer, torch.optim.Adam):
+            raise RuntimeError("adam broke\nat step 3")
+        return real(task, data, model, stepper, **kwargs)
+
+    monkeypatch.setattr(ex, "train", train)
+
+
+def test_a_failed_optimizer_stops_compare_with_exit_1(tmp_path, capsys, adam_breaks):
+    code, out, err = run(["compare", *TINY, "--max-train", "64", "--epochs", "1", "--optimizers", "adam,sgd",
+                          "--lr", "0.01", "--out", str(tmp_path)], capsys)
+    err = one_line_error(code, out, err, status=1)
+    assert "adam failed: RuntimeError: adam broke at step 3" in err and "--keep-going" in err
+    assert not (tmp_path / "compare.png").exists()
+
+
+def test_keep_going_leaves_the_failed_optimizer_out(tmp_path, capsys, adam_breaks):
+    code, out, _ = run(["compare", *TINY, "--max-train", "64", "--epochs", "1", "--optimizers", "adam,sgd",
+                        "--lr", "0.01", "--keep-going", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "adam: failed, left out (RuntimeError: adam broke at step 3)" in out
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    assert set(payload["results"]) == {"sgd"} and set(payload["failed"]) == {"adam"}
+    # when every requested optimizer fails there is nothing to compare: exit 1, no figure
+    code, out, err = run(["compare", *TINY, "--max-train", "64", "--epochs", "1", "--optimizers", "adam",
+                          "--lr", "0.01", "--keep-going", "--out", str(tmp_path / "all")], capsys)
+    assert code == 1 and out == "" and "Traceback" not in err
+    warning, error = err.splitlines()  # the --keep-going warning, then the error
+    assert "adam failed and is left out" in warning and "every requested optimizer failed: adam" in error
+    assert not (tmp_path / "all" / "compare.png").exists()
 
 
 def _pixels_dataset(n=48, side=8, seed=0):

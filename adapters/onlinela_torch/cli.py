@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import signal
 import statistics
 import sys
@@ -44,6 +45,10 @@ DEMO_DEFAULTS = {"task": "mnist-mlp", "epochs": 5, "probe_epochs": 1.0, "threads
 
 class CLIError(Exception):
     """A bad argument found after parsing; ``main`` prints it and returns 2."""
+
+
+class RunFailed(Exception):
+    """A requested run failed (``compare`` without ``--keep-going``); ``main`` prints it and returns 1."""
 
 
 # ------------------------------------------------------------ argument types
@@ -181,11 +186,54 @@ def _build(args: argparse.Namespace, task: ex.Task, data: Dataset, name: str, lr
 
 
 def _stepper(args: argparse.Namespace, task: ex.Task, model: torch.nn.Module, name: str, lr: float) -> ex.Stepper:
+    """The optimizer ``name`` for ``model``; a ``--kfac-opt`` the preconditioner refuses is a :class:`CLIError`."""
     try:
         return ex.build_stepper(name, model, lr=lr, momentum=args.momentum, kfac_momentum=args.kfac_momentum,
                                 weight_decay=args.weight_decay, kfac_options=_kfac_options(args), task=task)
     except ex.OptionError as exc:
         raise CLIError(f"--kfac-opt: {exc}") from None
+    except (ValueError, TypeError) as exc:  # the preconditioner's argument checks
+        if not args.kfac_opt:
+            raise
+        raise CLIError(f"--kfac-opt: {name}: {exc}") from None
+
+
+#: ``--kfac-opt`` keys that another option sets (the registry drops them from the keywords).
+_KFAC_OPT_OWNED = {"lr": "--lr (or --lr-grid)"}
+
+
+def _check_kfac_options(options: dict[str, Any], names: Sequence[str]) -> None:
+    """Refuse ``--kfac-opt`` keys that contradict ``--optimizers``/``--optimizer`` or another option.
+
+    ``method`` must be the method of every requested K-FAC-family optimizer
+    (KLD-WRM ignores it); ``lr`` belongs to ``--lr``; options with no
+    curvature optimizer among ``names`` would be ignored.
+    """
+    if not options:
+        return
+    specs = ex.available_optimizers()
+    curvature = [n for n in names if specs[n].family != "baseline"]
+    if not curvature:
+        raise CLIError(f"--kfac-opt {', '.join(options)}: applies to the K-FAC family and KLD-WRM, "
+                       f"and none of {', '.join(names)} is one")
+    for key, flag in _KFAC_OPT_OWNED.items():
+        if key in options:
+            raise CLIError(f"--kfac-opt {key}={options[key]!r}: set it with {flag}, not --kfac-opt")
+    if "method" in options:
+        clash = [n for n in curvature if specs[n].family != "kfac" or specs[n].variant != options["method"]]
+        if clash:
+            raise CLIError(f"--kfac-opt method={options['method']!r} contradicts the requested optimizer(s) "
+                           f"{', '.join(clash)}; choose the method with --optimizers/--optimizer instead")
+
+
+def _validate_kfac_options(args: argparse.Namespace, task: ex.Task, data: Dataset, names: Sequence[str]) -> None:
+    """Build each requested curvature optimizer once, so a bad ``--kfac-opt`` value fails before any training."""
+    if not args.kfac_opt:
+        return
+    specs = ex.available_optimizers()
+    for name in names:
+        if specs[name].family != "baseline":
+            _build(args, task, data, name, specs[name].lr, 0)
 
 
 def _optimizer_names(requested: Sequence[str] | None, task: ex.Task) -> list[str]:
@@ -211,7 +259,9 @@ def _optimizer_names(requested: Sequence[str] | None, task: ex.Task) -> list[str
 def _compare(args: argparse.Namespace) -> int:
     task = _task(args)
     names = _optimizer_names(args.optimizers, task)
+    _check_kfac_options(_kfac_options(args), names)
     data = _load(args, task)
+    _validate_kfac_options(args, task, data, names)
     epochs = args.epochs or task.epochs
     batch = args.batch_size or task.batch_size
     targets = args.targets or list(task.targets)
@@ -236,7 +286,6 @@ def _compare(args: argparse.Namespace) -> int:
     failed: dict[str, str] = {}
     t_start = time.perf_counter()
     for name in names:
-        family = ex.available_optimizers()[name].family
         try:
             if len(grid) > 1:
                 lr, scores = ex.select_lr(task, grid, lambda lr: run(name, lr, args.seeds[0], max_steps=probe_steps))
@@ -246,14 +295,19 @@ def _compare(args: argparse.Namespace) -> int:
             runs = {seed: run(name, lr, seed) for seed in args.seeds}
         except CLIError:
             raise
-        except Exception as exc:  # one broken curvature method must not sink the comparison
-            if family == "baseline":
-                raise
-            logger.warning("%s failed and is left out: %s: %s", name, type(exc).__name__, exc)
-            failed[name] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # reported on one line; --verbose logs the traceback
+            why = " ".join(f"{type(exc).__name__}: {exc}".split())
+            logger.debug("%s failed", name, exc_info=True)
+            if not args.keep_going:
+                raise RunFailed(f"{name} failed: {why} (--keep-going leaves failed optimizers out and "
+                                "runs the others)") from None
+            logger.warning("%s failed and is left out (--keep-going): %s", name, why)
+            failed[name] = why
             continue
         results[name] = _summarise(task, targets, lr, scores, runs)
     wall = time.perf_counter() - t_start
+    if not results:
+        raise RunFailed(f"every requested optimizer failed: {'; '.join(f'{n}: {w}' for n, w in failed.items())}")
 
     payload = {
         "command": "compare",
@@ -385,6 +439,7 @@ def _train(args: argparse.Namespace) -> int:
     _join_torchrun(args)
     task = _task(args)
     name = _optimizer_names([args.optimizer], task)[0]
+    _check_kfac_options(_kfac_options(args), [name])
     if args.resume and not args.checkpoint:
         raise CLIError("--resume needs --checkpoint PATH (the file to resume from)")
     if args.resume == "required" and not pathlib.Path(args.checkpoint).is_file():
@@ -540,6 +595,7 @@ def _spectrum(args: argparse.Namespace) -> int:
 
     task = _task(args)
     name = _optimizer_names([args.optimizer], task)[0]
+    _check_kfac_options(_kfac_options(args), [name])
     data = _load(args, task)
     bounds = {
         key: getattr(onlinela, fn, None)
@@ -646,6 +702,21 @@ def _plot_spectrum(path: pathlib.Path, task: ex.Task, spectra: list[dict[str, An
 
 
 # --------------------------------------------------------------------- parser
+_ROLE = re.compile(r":[\w.:-]+:`(~?)([^`<]*?)\s*(?:<[^>]*>)?`")
+
+
+def _plain_text(rst: str) -> str:
+    """``rst`` without inline reStructuredText markup, for ``--help``.
+
+    An interpreted-text role keeps its text (a target written with ``~``
+    keeps its last dotted component, one written as ``text <target>`` keeps
+    ``text``); double backquotes are dropped; section underlines and
+    indentation stay.
+    """
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), rst)
+    return text.replace("``", "")
+
+
 def _common(
     parser: argparse.ArgumentParser, *, default_task: str, default_out: str, default_threads: int | None = None
 ) -> None:
@@ -676,15 +747,15 @@ def _common(
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``onlinela`` argument parser."""
-    parser = argparse.ArgumentParser(prog="onlinela", description=__doc__,
+    parser = argparse.ArgumentParser(prog="onlinela", description=_plain_text(__doc__ or ""), allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars or log lines; only results")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for cmd, helptext in (("compare", "compare optimizers on one task"),
-                          ("demo", "what `make demo` runs: compare with a few-minute budget")):
-        p = sub.add_parser(cmd, help=helptext, description=helptext)
+                          ("demo", "what 'make demo' runs: compare with a few-minute budget")):
+        p = sub.add_parser(cmd, help=helptext, description=helptext, allow_abbrev=False)
         demo = cmd == "demo"
         _common(p, default_task=DEMO_DEFAULTS["task"] if demo else "mnist-mlp",
                 default_out=DEMO_DEFAULTS["out"] if demo else "out/compare",
@@ -701,24 +772,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--probe-epochs", type=_positive_float, default=DEMO_DEFAULTS["probe_epochs"] if demo else None,
                        help="length of each learning-rate probe run, in epochs (fractions allowed; "
                             "default: the task's)")
+        p.add_argument("--keep-going", action="store_true",
+                       help="when an optimizer fails, leave it out, run the others and exit 0 (default: stop and "
+                            "exit 1)")
         p.set_defaults(func=_compare)
 
-    p = sub.add_parser("train", help="train one optimizer, with checkpoint/resume",
+    p = sub.add_parser("train", help="train one optimizer, with checkpoint/resume", allow_abbrev=False,
                        description="Train one optimizer on one task; --checkpoint saves after every epoch.")
     _common(p, default_task="mnist-mlp", default_out="out/train")
-    p.add_argument("--optimizer", default="sgd", help="optimizer name (see `onlinela compare --help`)")
+    p.add_argument("--optimizer", default="sgd", help="optimizer name (see: onlinela compare --help)")
     p.add_argument("--lr", type=_positive_float, help="learning rate (default: the optimizer's)")
     p.add_argument("--epochs", type=_positive_int, help="total epochs to reach (default: the task's)")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--checkpoint", help="checkpoint file, written after every epoch")
     p.add_argument("--resume", nargs="?", const="required", choices=("required", "auto"),
-                   help="continue from --checkpoint, which must exist; `--resume auto`: continue if it exists, "
+                   help="continue from --checkpoint, which must exist; '--resume auto': continue if it exists, "
                         "else start fresh (for torchrun --max-restarts, which repeats the command line)")
     p.add_argument("--nproc", type=_positive_int, default=1,
                    help="data-parallel processes on this machine (gloo on CPU, nccl on CUDA; see docs/distributed.rst)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("spectrum", help="eigenvalue decay of EA K-factors at several widths vs the bound",
+                       allow_abbrev=False,
                        description="Train briefly at several widths, record one Linear layer's EA K-factors "
                                    "with hooks, and plot their spectra against onlinela.ea_eigenvalue_bound.")
     _common(p, default_task="mnist-mlp", default_out="out/spectrum")
@@ -733,6 +808,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.set_defaults(func=_spectrum)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line (so that stderr holds exactly one line per error)."""
+    return " ".join(str(exc).split())
 
 
 def _configure_logging(level: int) -> None:
@@ -759,8 +839,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        Exit status: 0 on success, 2 on a bad argument or unreadable data,
-        1 when a ``train`` run diverged.
+        Exit status: 0 on success; 2 on a bad argument, unreadable data or an
+        unusable checkpoint (one line on stderr); 1 when a ``train`` run
+        diverged or a ``compare`` optimizer failed (without ``--keep-going``,
+        or when every one failed).
     """
     parser = build_parser()
     try:
@@ -777,7 +859,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CLIError, DataError) as exc:
-        sys.stderr.write(f"onlinela {args.command}: error: {exc}\n")
+        sys.stderr.write(f"onlinela {args.command}: error: {_one_line(exc)}\n")
         return 2
+    except RunFailed as exc:
+        sys.stderr.write(f"onlinela {args.command}: error: {_one_line(exc)}\n")
+        return 1
     finally:
         torch.set_flush_denormal(False)
