@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # Two workers match the CI machine (2 cores); override with `make test JOBS=1`.
 JOBS   ?= 2
 
-.PHONY: demo test venv bench docs clean
+.PHONY: demo test venv bench docs clean zoo zoo-quick zoo-kldwrm peers
 
 venv: $(STAMP)
 
@@ -31,6 +31,23 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/randomized_eigh.py
 	$(PY) benchmarks/brand_update.py
+
+# The task zoo (benchmarks/zoo.py): every method with library defaults, the lr from one grid, an equal
+# budget of process CPU time per run on one torch thread (~40 min on one core); zoo-quick is ~10 min.
+zoo: $(STAMP)
+	$(PY) benchmarks/zoo.py
+
+zoo-quick: $(STAMP)
+	$(PY) benchmarks/zoo.py --budget 2 --lrs 0.01,0.1,0.3 --out benchmarks/results/zoo_quick.json
+
+# KLD-WRM variants against SGD and Adam at equal steps on the zoo's classification tasks.
+zoo-kldwrm: $(STAMP)
+	$(PY) benchmarks/zoo.py --mode steps
+
+# Other libraries with their own defaults (heavyball from the `peers` extra; kfac-pytorch when importable).
+peers: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[peers]"
+	$(PY) benchmarks/peers.py
 
 docs: $(STAMP)
 	$(PIP) install -q -c constraints.txt -e ".[docs]"
