@@ -34,6 +34,7 @@ import torch
 
 from . import distributed as dp
 from . import experiment as ex
+from . import plots
 from .data import DataError, Dataset, load_dataset
 
 logger = logging.getLogger("onlinela_torch")
@@ -393,38 +394,7 @@ def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, A
 
 
 def _plot_compare(path: pathlib.Path, task: ex.Task, targets: Sequence[float], results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colors = plt.get_cmap("tab10").colors
-    for i, (name, r) in enumerate(results.items()):
-        style = {"color": colors[i % 10], "ls": ("-", "--", ":")[i // 10 % 3], "marker": ".", "ms": 3}
-        for j, run in enumerate(r["runs"]):
-            hist = [h for h in run["history"] if math.isfinite(h["metric"])]
-            label = f"{name} (lr {r['lr']:g})" if j == 0 else None
-            axes[0].plot([h["seconds"] for h in hist], [h["metric"] for h in hist], label=label, **style)
-            axes[1].plot([h["epoch"] for h in hist], [h["metric"] for h in hist], **style)
-    for ax, xlabel in zip(axes, ("training wall-clock (s)", "epoch")):
-        for t in targets:
-            ax.axhline(t, color="grey", lw=0.6, ls=":")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-    if not task.higher_is_better:
-        axes[0].set_yscale("log")
-    else:  # zoom past the untrained model's chance level
-        later = [h["metric"] for r in results.values() for run in r["runs"] for h in run["history"]
-                 if h["epoch"] > 0 and math.isfinite(h["metric"])]
-        if later:
-            axes[0].set_ylim(bottom=max(0.0, min(later) - 5.0))
-    axes[0].set_ylabel(task.metric_name)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(f"onlinela compare: {task.name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.render(plots.compare_figure(task.name, task.metric_name, task.higher_is_better, targets, results), path)
 
 
 # --------------------------------------------------------------------- train
@@ -671,34 +641,7 @@ def _spectrum(args: argparse.Namespace) -> int:
 
 
 def _plot_spectrum(path: pathlib.Path, task: ex.Task, spectra: list[dict[str, Any]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.get_cmap("viridis")
-    widths = sorted({s["width"] for s in spectra})
-    for ax, key in zip(axes, ("A", "G")):
-        for s in (s for s in spectra if s["factor"] == key):
-            c = colors(widths.index(s["width"]) / max(1, len(widths) - 1))
-            lam1 = s["eigenvalues"][0] or 1.0
-            idx = range(1, s["dim"] + 1)
-            ax.semilogy(idx, [max(v / lam1, 1e-16) for v in s["eigenvalues"]], color=c,
-                        label=f"width {s['width']:g} (d={s['dim']})")
-            for field, ls in (("bound", "--"), ("stream_bound", ":")):
-                if field in s:
-                    ax.semilogy(idx, [max(b / lam1, 1e-16) for b in s[field]], color=c, ls=ls, lw=0.9)
-        ax.set_title(f"{key}-factor of layer {spectra[0]['layer'].split(':')[0]} "
-                     "(dashed: Weyl EA bound, dotted: stream bound)", fontsize=9)
-        ax.set_xlabel("index j")
-        ax.set_ylabel("lambda_j / lambda_1")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"onlinela spectrum: {task.name}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.render(plots.spectrum_figure(task.name, spectra), path)
 
 
 # --------------------------------------------------------------------- parser
