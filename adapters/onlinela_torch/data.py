@@ -16,6 +16,10 @@ Sources, in the order :func:`load_dataset` tries them:
   batches (``data_batch_1`` .. ``data_batch_5``, ``test_batch``).
 * ``digits``: scikit-learn's bundled 8×8 digits.
 
+Text (the ``tiny-lm`` task): :func:`load_pydoc_text` reads the English help
+topics that ship with every CPython (``pydoc_data.topics``) as a
+character-level :class:`TextCorpus`.
+
 Every loader returns a :class:`Dataset` of float32 image tensors shaped
 ``(N, C, H, W)`` and int64 labels.  Grey-scale pixels are scaled to [0, 1];
 CIFAR-10 is standardised per channel with the training set's mean and
@@ -43,11 +47,14 @@ __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
+    "TEXT_VOCAB",
+    "TextCorpus",
     "load_cifar10",
     "load_dataset",
     "load_digits",
     "load_mnist_idx",
     "load_mnist_subset",
+    "load_pydoc_text",
     "mnist_subset_path",
     "read_idx",
 ]
@@ -502,3 +509,107 @@ def _dataset(
         tensor(y_test, torch.int64),
         num_classes,
     )
+
+
+#: The fixed character vocabulary of :func:`load_pydoc_text`: index 0 stands for
+#: any character outside it, then newline and the 95 printable ASCII characters.
+TEXT_VOCAB: str = "\x00\n" + "".join(chr(c) for c in range(32, 127))
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    """A character-level text corpus with a train/validation split.
+
+    Attributes
+    ----------
+    name, source : str
+    train, val : torch.Tensor
+        int64 token ids, shape ``(n_train,)`` and ``(n_val,)``.
+    vocab : str
+        Character of each token id (``len(vocab)`` tokens).
+    """
+
+    name: str
+    source: str
+    train: torch.Tensor
+    val: torch.Tensor
+    vocab: str
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids."""
+        return len(self.vocab)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids (int64, shape ``(len(text),)``); characters outside the vocabulary become 0."""
+        index = {c: i for i, c in enumerate(self.vocab)}
+        return torch.tensor([index.get(c, 0) for c in text], dtype=torch.int64)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """The characters of token ids (any integer tensor shape; flattened)."""
+        return "".join(self.vocab[int(i)] for i in ids.reshape(-1))
+
+    def batch(self, split: str, batch_size: int, context: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows: inputs ``(batch_size, context)`` and next-character targets of the same shape.
+
+        Offsets are drawn uniformly from ``[0, n - context - 1]`` with ``generator``.
+        """
+        ids = self._split(split)
+        if not 1 <= context < ids.numel() - 1:
+            raise ValueError(f"`context` must be in [1, {ids.numel() - 2}] for the {split} split, got {context}")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size}")
+        start = torch.randint(0, ids.numel() - context - 1, (batch_size,), generator=generator)
+        offsets = start[:, None] + torch.arange(context + 1)
+        w = ids[offsets]
+        return w[:, :-1], w[:, 1:]
+
+    def windows(self, split: str, context: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Consecutive non-overlapping windows (deterministic evaluation): ``(W, context)`` inputs and targets."""
+        ids = self._split(split)
+        if not 1 <= context < ids.numel() - 1:
+            raise ValueError(f"`context` must be in [1, {ids.numel() - 2}] for the {split} split, got {context}")
+        n = (ids.numel() - 1) // context
+        if max_windows is not None:
+            n = min(n, max_windows)
+        x = ids[: n * context].reshape(n, context)
+        y = ids[1 : n * context + 1].reshape(n, context)
+        return x, y
+
+    def _split(self, split: str) -> torch.Tensor:
+        if split not in ("train", "val"):
+            raise ValueError(f"`split` must be 'train' or 'val', got {split!r}")
+        return self.train if split == "train" else self.val
+
+
+def load_pydoc_text(*, val_fraction: float = 0.1) -> TextCorpus:
+    """The ``pydoc_data.topics`` help texts (CPython's, no download) as a character corpus.
+
+    The topics are joined in sorted-key order with blank lines, encoded with
+    :data:`TEXT_VOCAB` and split contiguously: the last ``val_fraction`` of
+    the characters is the validation set.  The size depends on the Python
+    version (about 0.45–0.75 MB).
+
+    Raises
+    ------
+    ValueError
+        ``val_fraction`` outside (0, 1).
+    DataError
+        ``pydoc_data`` is missing (a Python built without it).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"`val_fraction` must satisfy 0 < val_fraction < 1, got {val_fraction}")
+    try:
+        from pydoc_data import topics
+    except ImportError as exc:  # pragma: no cover - every CPython ships it
+        raise DataError("pydoc_data.topics is not available in this Python installation") from exc
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    lut = np.zeros(128, dtype=np.int64)
+    for i, c in enumerate(TEXT_VOCAB):
+        lut[ord(c)] = i
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    ids = np.where(codes < 128, lut[np.minimum(codes, 127)], 0)
+    n_val = int(round(val_fraction * ids.size))
+    data = torch.from_numpy(ids)
+    logger.info("data: pydoc topics, %d characters (%d unknown), %d validation", ids.size, int((ids == 0).sum()), n_val)
+    return TextCorpus("pydoc-topics", topics.__file__, data[:-n_val].clone(), data[-n_val:].clone(), TEXT_VOCAB)

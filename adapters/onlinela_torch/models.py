@@ -7,8 +7,10 @@
 * :class:`SmallCNN` — the KLD-WRM paper's MNIST network.
 * :func:`vgg16_bn` — VGG16 with batch normalisation and the papers' CIFAR-10
   head, or the Brand paper's wide-FC variant.
+* :class:`TinyCausalLM` — a small character-level causal transformer (the
+  ``tiny-lm`` task).
 
-Every model takes images ``(N, C, H, W)``; ``width`` options scale hidden
+The image models take images ``(N, C, H, W)``; ``width`` options scale hidden
 sizes so a CPU can run a proportional proxy of the full-size network.
 """
 
@@ -26,6 +28,7 @@ __all__ = [
     "MLPClassifier",
     "MNISTAutoencoder",
     "SmallCNN",
+    "TinyCausalLM",
     "VGG16_CONFIG",
     "WIDE_HEAD_WIDTH",
     "count_parameters",
@@ -334,3 +337,79 @@ def vgg16_bn(
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters of ``model``."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class TinyCausalLM(nn.Module):
+    """Character-level causal transformer: token + learned position embeddings, pre-LN encoder layers, output Linear.
+
+    ``logits = head(LayerNorm(layers(tok(x) + pos(t))))`` where each layer is
+    ``nn.TransformerEncoderLayer(batch_first=True, norm_first=True)`` (GELU,
+    feed-forward width ``4 d_model``) run with a causal mask, so position
+    ``t`` only sees positions ``≤ t``.
+
+    Parameters
+    ----------
+    vocab_size : int
+        Number of tokens ``V``.
+    d_model : int, default 64
+    n_layers : int, default 2
+    n_heads : int, default 4
+        Must divide ``d_model``.
+    context : int, default 64
+        Longest input sequence ``T`` (size of the position table).
+    dropout : float, default 0.0
+    tie_weights : bool, default False
+        Share the token embedding with the output layer's weight (the head then has no bias).
+
+    Notes
+    -----
+    Input ``(N, T)`` int64 token ids with ``T <= context``; output logits
+    ``(N, T, V)``.  Parameters: ``V d + T d + n_layers (12 d² + 13 d) + 2 d + d V (+ V)``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        context: int = 64,
+        dropout: float = 0.0,
+        tie_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, v in (("vocab_size", vocab_size), ("d_model", d_model), ("n_layers", n_layers),
+                        ("n_heads", n_heads), ("context", context)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {v!r}")
+        if d_model % n_heads:
+            raise ValueError(f"`n_heads` must divide `d_model`, got d_model={d_model}, n_heads={n_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {dropout}")
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                d_model, n_heads, dim_feedforward=4 * d_model, dropout=dropout,
+                activation="gelu", batch_first=True, norm_first=True,
+            )
+            for _ in range(n_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=not tie_weights)
+        if tie_weights:
+            self.head.weight = self.tok.weight
+        self.register_buffer("causal_mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, T, V)`` of token ids ``(N, T)``."""
+        if x.ndim != 2 or x.shape[1] > self.context:
+            raise ValueError(f"input must be token ids of shape (N, T) with T <= {self.context}, got {tuple(x.shape)}")
+        T = x.shape[1]
+        h = self.tok(x) + self.pos(torch.arange(T, device=x.device))
+        mask = self.causal_mask[:T, :T]
+        for layer in self.layers:
+            h = layer(h, src_mask=mask, is_causal=True)
+        return self.head(self.norm(h))

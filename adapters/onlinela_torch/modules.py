@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerHelper", "LinearHelper", "Conv2dHelper", "helper_for", "g_scale"]
+__all__ = ["Conv1dHelper", "Conv2dHelper", "LayerHelper", "LinearHelper", "g_scale", "helper_for"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,48 @@ class Conv2dHelper(LayerHelper):
         if grad_output.ndim == 3:
             grad_output = grad_output.unsqueeze(0)
         return grad_output.permute(0, 2, 3, 1).reshape(-1, grad_output.shape[1])
+
+
+class Conv1dHelper(LayerHelper):
+    """``nn.Conv1d`` with ``groups=1``: KFC patch expansion (as :class:`Conv2dHelper` with height 1).
+
+    Each of the ``|T| = L_out`` output positions of each sample gives one row:
+    the ``c_in k`` input patch it sees (stride, padding, dilation as the
+    layer), ``+1`` for the bias.  ``a_dim = c_in k (+1)``, ``g_dim = c_out``,
+    ``R = n |T|``.  Unfolding costs ``O(n |T| a_dim)`` memory.  Used by the
+    curvature blocks (``onlinela_torch.blocks``).
+    """
+
+    module: nn.Conv1d
+
+    @property
+    def a_dim(self) -> int:
+        m = self.module
+        return int(m.in_channels * m.kernel_size[0]) + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return int(self.module.out_channels)
+
+    def a_rows(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if x.ndim == 2:
+            x = x.unsqueeze(0)
+        if isinstance(m.padding, str):  # "same"/"valid": pad exactly as the layer does
+            x = F.pad(x, m._reversed_padding_repeated_twice)
+            padding = 0
+        else:
+            padding = m.padding[0]
+        cols = F.unfold(
+            x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]), padding=(0, padding), stride=(1, m.stride[0])
+        )
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (n·|T|, c_in k)
+        return self._append_ones(rows)
+
+    def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
+        if grad_output.ndim == 2:
+            grad_output = grad_output.unsqueeze(0)
+        return grad_output.transpose(1, 2).reshape(-1, grad_output.shape[1])
 
 
 def helper_for(module: nn.Module) -> tuple[LayerHelper | None, str]:
