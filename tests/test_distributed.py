@@ -50,9 +50,16 @@ OPTIONS = dict(
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def _model() -> nn.Module:
-    torch.manual_seed(0)  # r + s = 8 + 16 < d for the two hidden layers: Brand-eligible
-    return nn.Sequential(nn.Linear(60, 80), nn.Tanh(), nn.Linear(80, 40), nn.Tanh(), nn.Linear(40, 4)).double()
+WIDTHS = (60, 80, 40, 4)  # r + s = 8 + 16 < d for the two hidden layers: Brand-eligible
+SPLIT = (60, 50, 4)  # per-factor LPT on 2 ranks: A (61) of layer "0" on rank 0, its G (50) on rank 1
+
+
+def _model(widths=WIDTHS) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]).double()
 
 
 def _batches() -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,9 +82,9 @@ def _params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _single(method, steps=range(STEPS), state=None):
+def _single(method, steps=range(STEPS), state=None, widths=WIDTHS):
     """The 1-process reference on the full batch, optionally resumed from ``state``."""
-    model = _model()
+    model = _model(widths)
     precond = KFACPreconditioner(model, method=method, **OPTIONS)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     if state is not None:
@@ -86,6 +93,11 @@ def _single(method, steps=range(STEPS), state=None):
         precond.load_state_dict(state["preconditioner"])
     _run(model, precond, opt, steps)
     return model, precond, opt
+
+
+def _probe() -> torch.Tensor:
+    """A fixed gradient matrix for layer "2" (40 × 81) of the :data:`WIDTHS` model."""
+    return torch.randn(40, 81, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
 
 def _checkpoint(model, opt, precond) -> dict:
@@ -175,6 +187,27 @@ def _worker(out: str) -> None:
     precond = DistributedKFACPreconditioner(model, method="kfac", assignment=_AllOnLast(), **OPTIONS)
     _run(model, precond, torch.optim.SGD(model.parameters(), lr=0.1), range(HALF), shard)
     res["all_on_last"] = precond.stats()["distributed"]
+    # the factor is the unit of work: a layer's A and G on different ranks
+    model = _model(SPLIT)
+    precond = DistributedKFACPreconditioner(model, method="kfac", **OPTIONS)
+    _run(model, precond, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), range(STEPS), shard)
+    res["split"] = {"params": _params(model), "stats": precond.stats()["distributed"]}
+    # mode="memory": owners keep their layers' factors and broadcast preconditioned gradients
+    probe = {"2": _probe()}
+    for method in METHODS:
+        model = _model()
+        precond = DistributedKFACPreconditioner(model, method=method, mode="memory", **OPTIONS)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        _run(model, precond, opt, range(HALF), shard)
+        half = _checkpoint(model, opt, precond)  # collective in mode="memory"; complete on rank 0
+        if method == "b-kfac" and rank == 0:
+            torch.save(half, out_dir / "memory_half.pt")
+        _run(model, precond, opt, range(HALF, STEPS), shard)
+        res[f"memory/{method}"] = {
+            "params": _params(model),
+            "stats": precond.stats()["distributed"],
+            "precondition": precond.precondition(probe),  # collective
+        }
     # KFACPreconditioner under a process group builds the distributed class (a rank schedule's lambda
     # has a different address on each rank: not a mismatch)
     auto = KFACPreconditioner(_model(), **{**OPTIONS, "rank": lambda step: 8})
@@ -251,13 +284,13 @@ def test_ddp_wrapped_model_matches_one_rank(two_ranks):
 def test_decompositions_are_split_across_ranks(two_ranks, method):
     _, res = _ok(two_ranks)
     s0, s1 = res[0][method]["stats"], res[1][method]["stats"]
-    assert s0["owners"] == s1["owners"] and set(s0["owners"].values()) == {0, 1}
+    assert s0["owners"] == s1["owners"] and _owner_ranks(s0) == {0, 1}
     assert s0["decompositions"] > 0 and s1["decompositions"] > 0
     assert s0["received"] == s1["decompositions"] and s1["received"] == s0["decompositions"]
     # the 1-rank run computes exactly the union: one snapshot per factor per update
     ref = _single(method)[1]
     total = sum(1 for layer in ref.layers.values() for _ in layer.factors())
-    per_factor = STEPS if method == "b-kfac" else STEPS // 2  # Brand-updated every step vs T_inv = 2
+    per_factor = STEPS if method == "b-kfac" else sum(ref._plan(k).decompose for k in range(STEPS))  # its schedule
     if method != "b-kfac":
         assert s0["decompositions"] + s1["decompositions"] == total * per_factor
     else:
@@ -265,6 +298,49 @@ def test_decompositions_are_split_across_ranks(two_ranks, method):
     assert s0["bytes_total"]["statistics"] > 0 and s0["bytes_total"]["decompositions"] > 0
     if method == "b-kfac":
         assert s0["bytes_total"]["brand_rows"] > 0
+
+
+def _owner_ranks(stats: dict) -> set[int]:
+    return {rank for per_layer in stats["owners"].values() for rank in per_layer.values()}
+
+
+def test_a_layers_factors_can_be_decomposed_on_different_ranks(two_ranks):
+    _, res = _ok(two_ranks)
+    s0, s1 = res[0]["split"]["stats"], res[1]["split"]["stats"]
+    assert s0["owners"] == s1["owners"] and s0["owners"]["0"] == {"A": 0, "G": 1}  # 61³ > 51³ > 50³ > 5³
+    assert s0["decompositions"] > 0 and s1["decompositions"] > 0 and s0["received"] == s1["decompositions"]
+    ref = _params(_single("kfac", widths=SPLIT)[0])
+    torch.testing.assert_close(res[0]["split"]["params"], ref, rtol=0, atol=1e-9)
+    assert torch.equal(res[0]["split"]["params"], res[1]["split"]["params"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_memory_mode_matches_one_rank_and_holds_each_layer_on_one_rank(two_ranks, method):
+    _, res = _ok(two_ranks)
+    m0, m1 = res[0][f"memory/{method}"], res[1][f"memory/{method}"]
+    single, precond, _ = _single(method)
+    torch.testing.assert_close(m0["params"], _params(single), rtol=0, atol=1e-9)
+    assert torch.equal(m0["params"], m1["params"])
+    s0, s1 = m0["stats"], m1["stats"]
+    assert s0["mode"] == "memory" and s0["owners"] == s1["owners"]
+    assert all(per["A"] == per["G"] for per in s0["owners"].values()) and _owner_ranks(s0) == {0, 1}
+    full = res[0][method]["stats"]["factor_bytes"]  # mode="replicate": every rank holds every factor
+    assert 0 < s0["factor_bytes"] < full and 0 < s1["factor_bytes"] < full
+    assert s0["bytes_total"]["decompositions"] == 0 and s0["bytes_total"]["preconditioned"] > 0
+    assert s0["received"] == 0 and s0["decompositions"] > 0 and s1["decompositions"] > 0
+    # precondition() is collective: the owner's result on every rank
+    expected = precond.precondition({"2": _probe()})["2"]
+    torch.testing.assert_close(m0["precondition"]["2"], expected, rtol=0, atol=1e-9)
+    assert torch.equal(m0["precondition"]["2"], m1["precondition"]["2"])
+
+
+def test_memory_mode_checkpoint_is_complete_on_rank_0(two_ranks):
+    out, res = _ok(two_ranks)
+    state = torch.load(out / "memory_half.pt", weights_only=False)
+    layers = state["preconditioner"]["layers"].values()
+    assert all(sd[w]["eigen"] is not None and sd[w].get("brand", ()) is not None for sd in layers for w in "AG")  # both ranks' factors
+    resumed = _params(_single("b-kfac", range(HALF, STEPS), state)[0])
+    torch.testing.assert_close(resumed, res[0]["memory/b-kfac"]["params"], rtol=0, atol=1e-9)
 
 
 def test_kfac_preconditioner_is_distributed_automatically_under_a_process_group(two_ranks):
@@ -275,7 +351,7 @@ def test_kfac_preconditioner_is_distributed_automatically_under_a_process_group(
 def test_pluggable_assignment_policy(two_ranks):
     _, res = _ok(two_ranks)
     s0, s1 = res[0]["all_on_last"], res[1]["all_on_last"]
-    assert set(s0["owners"].values()) == {1}
+    assert _owner_ranks(s0) == {1}
     assert s0["decompositions"] == 0 and s1["decompositions"] > 0 and s0["received"] == s1["decompositions"]
 
 

@@ -13,20 +13,30 @@ under :class:`~torch.nn.parallel.DistributedDataParallel`).  Per step,
    gathered to the one rank that Brand-updates the factor: ``d·n`` per rank
    instead of ``d²``, cheaper whenever the global batch ``n·P < d`` and the
    only choice for a Brand-only factor, which has no ``d × d`` matrix to reduce.
-2. **Decompositions** (``T_inv`` / ``T_B`` steps).  Each layer is owned by one
-   rank (a pluggable :class:`AssignmentPolicy`; default :class:`GreedyAssignment`,
-   longest-processing-time first on the costs of :func:`decomposition_cost`);
-   only the owner decomposes or Brand-updates the layer's two factors, then
-   broadcasts their new state (eigenvectors, eigenvalues, Brand ``(U, D)``,
-   rank, RNG state: ``≈ d·r`` elements per factor) so every rank holds the
-   full preconditioner state.
+2. **Decompositions** (``T_inv`` / ``T_B`` steps).  Each *factor* is owned by
+   one rank (a pluggable :class:`AssignmentPolicy`; default
+   :class:`GreedyAssignment`, longest-processing-time first on the costs of
+   :func:`decomposition_cost`), so a layer's ``A`` and ``G`` can be
+   decomposed on different ranks; only the owner decomposes or
+   Brand-updates a factor, then broadcasts its new state (eigenvectors,
+   eigenvalues, Brand ``(U, D)``, rank, RNG state: ``≈ d·r`` elements per
+   factor) so every rank holds the full preconditioner state.
 3. **Gradients**, only when the model is *not* wrapped in DDP: ``p.grad`` is
    averaged over the ranks.  With DDP the gradients are already averaged.
 
-Preconditioning then runs on every rank with identical factors and
-gradients and is deterministic, so all ranks take identical steps.  Because
-every rank keeps the complete state, rank 0's :meth:`state_dict` is a full
-checkpoint and a run resumes on any world size.
+Preconditioning then runs on every rank with identical factors (stored in
+the same row-major layout) and gradients and is deterministic, so all ranks
+take bitwise identical steps.  Because every rank keeps the complete state,
+rank 0's :meth:`state_dict` is a full checkpoint and a run resumes on any
+world size.
+
+``mode="memory"`` trades communication for memory (KAISA's grad-worker
+fraction ``1/P``): the unit of work is the layer, its statistics are
+*reduced* to its owner only, only the owner keeps its EAs and
+decompositions and preconditions its gradient, then broadcasts the
+preconditioned gradient (``d_G × d_A`` elements per layer and step instead
+of the decompositions every ``T_inv``).  :meth:`state_dict` is then
+collective and complete on rank 0 only.
 
 Launch with ``torchrun`` (any script that calls
 ``torch.distributed.init_process_group``), with :func:`spawn` (``N`` local
@@ -36,13 +46,14 @@ processes), or ``onlinela train --nproc N``; see docs/distributed.rst.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import datetime
 import logging
 import os
 import pickle
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +79,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Categories of :meth:`DistributedKFACPreconditioner.stats` ``["distributed"]["bytes"]``.
-BYTE_CATEGORIES = ("control", "statistics", "brand_rows", "decompositions", "gradients")
+BYTE_CATEGORIES = ("control", "statistics", "brand_rows", "decompositions", "gradients", "preconditioned")
+#: The values of ``DistributedKFACPreconditioner(mode=...)``.
+MODES = ("replicate", "memory")
 _KINDS = ("dense", "randomized", "brand", "brand+dense")
 
 
@@ -80,12 +93,12 @@ def distributed_active(group: Any = None) -> bool:
 # =========================================================================== work assignment
 @dataclass(frozen=True)
 class WorkItem:
-    """One unit of decomposition work: the two factors of one layer.
+    """One unit of decomposition work: one factor (``"layer/A"``), or a layer's two factors in ``mode="memory"``.
 
     Attributes
     ----------
     name : str
-        The layer name.
+        ``"<layer>/A"``, ``"<layer>/G"``, or the layer name (``mode="memory"``).
     cost : float
         Estimated flops of one decomposition round of its factors (:func:`decomposition_cost`).
     """
@@ -104,7 +117,7 @@ class AssignmentPolicy(abc.ABC):
         Parameters
         ----------
         items : sequence of WorkItem
-            The layers to place (in layer order).
+            The factors (or layers) to place, in layer order.
         loads : sequence of float
             The cost already placed on each rank (``len(loads)`` is the world size).
 
@@ -164,7 +177,14 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     group : ProcessGroup, optional
         Default: the world group.
     assignment : AssignmentPolicy, optional
-        Which rank decomposes which layer's factors (default :class:`GreedyAssignment`).
+        Which rank decomposes which factor (default :class:`GreedyAssignment`).
+    mode : {"replicate", "memory"}
+        ``"replicate"`` (default): every rank keeps every factor and
+        decomposition; the work unit is the factor.  ``"memory"``: the unit
+        is the layer; only its owner keeps the layer's factors, preconditions
+        its gradient and broadcasts the result (per-rank factor memory about
+        ``1/P``; :meth:`state_dict` and :meth:`precondition` become
+        collective).  See docs/distributed.rst for bytes and memory per rank.
     average_gradients : bool, optional
         Average ``p.grad`` over the ranks before preconditioning.  None
         (default): when ``model`` is not a DDP wrapper.  Pass False when the
@@ -186,13 +206,14 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     -----
     * The thin-factor gradient path (``low_rank_grad``) is off: each rank
       holds only its own rows while the gradient is the global one.
-    * All factors of a layer are decomposed by its owner (the layer is the
-      unit of work, as ``colocate_factors`` in kfac-pytorch), which keeps the
-      B-R-KFAC overwrite and B-KFAC-c correction schedules of a layer on one rank.
+    * The factor is the unit of work (``colocate_factors=False`` in
+      kfac-pytorch): the largest layer no longer bounds the makespan; in
+      ``mode="memory"`` the layer is (its owner needs both factors).
     * Brand eligibility (``r + s < d``) is decided on ``s = P ×`` the local
       rows, i.e. assuming equal local batches; statistics are weighted exactly
       for unequal ones.
-    * Every rank holds every factor (``O(Σ d²)`` for dense EAs), like one process.
+    * With ``mode="replicate"`` every rank holds every factor (``O(Σ d²)``
+      for dense EAs), like one process.
     """
 
     def __init__(
@@ -202,24 +223,31 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         group: Any = None,
         assignment: AssignmentPolicy | None = None,
         average_gradients: bool | None = None,
+        mode: str = "replicate",
         **kwargs: Any,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedKFACPreconditioner needs torch.distributed.init_process_group() first")
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         super().__init__(model.module if ddp else model, **kwargs)
-        self._setup_distributed(group, assignment, (not ddp) if average_gradients is None else average_gradients)
+        self._setup_distributed(group, assignment, (not ddp) if average_gradients is None else average_gradients, mode)
 
-    def _setup_distributed(self, group: Any, assignment: AssignmentPolicy | None, average_gradients: bool) -> None:
+    def _setup_distributed(
+        self, group: Any, assignment: AssignmentPolicy | None, average_gradients: bool, mode: str = "replicate"
+    ) -> None:
         """Distributed state on top of a constructed preconditioner; checks the ranks agree."""
         if assignment is not None and not isinstance(assignment, AssignmentPolicy):
             raise TypeError(f"`assignment` must be an AssignmentPolicy, got {type(assignment).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+        self.mode = mode
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.assignment = GreedyAssignment() if assignment is None else assignment
         self.average_gradients = bool(average_gradients)
-        self.owners: dict[str, int] = {}
+        self.owners: dict[tuple[str, str], int] = {}  # (layer, "A"/"G") -> rank
+        self._precomputed: dict[str, torch.Tensor] | None = None
         self._loads = [0.0] * self.world_size
         self._increment_rank: dict[str, int] = {}
         self._changed: list[tuple[KFACLayer, str]] = []
@@ -251,6 +279,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             "seed": self.seed,
             "assignment": type(self.assignment).__name__,
             "average_gradients": self.average_gradients,
+            "mode": self.mode,
         }
 
     def _check_config(self) -> None:
@@ -284,28 +313,81 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         return super().step()
 
     def _update_layer(self, layer: KFACLayer, plan: _Plan, lam: float, k: int) -> None:
-        owned = self.owners.get(layer.name, self.rank) == self.rank
-        if not owned:  # EA updates only; the owner decomposes and broadcasts
-            plan = dataclasses.replace(plan, brand=False, decompose=False, overwrite=False, correct=False)
-        before = {which: _version(f) for which, f in layer.factors()}
-        super()._update_layer(layer, plan, lam, k)
-        if owned:
-            for which, f in layer.factors():
-                now, then = _version(f), before.get(which)
-                if then is None or any(a is not b for a, b in zip(now[:2], then[:2])) or now[2:] != then[2:]:
-                    self._changed.append((layer, which))
-                if then is None or now[0] is not then[0]:
-                    self._counts["decompositions"] += 1
+        mine = {which: f for which, f in layer.factors() if self._owner(layer.name, which) == self.rank}
+        others = [f for which, f in layer.factors() if which not in mine]
+        before = {which: _version(f) for which, f in mine.items()}
+        with _decompositions_disabled(others):  # their EA updates run; the owner decomposes (and broadcasts)
+            super()._update_layer(layer, plan, lam, k)
+        for which, f in mine.items():
+            now, then = _version(f), before[which]
+            if any(a is not b for a, b in zip(now[:2], then[:2])) or now[2:] != then[2:]:
+                self._changed.append((layer, which))
+            if now[0] is not then[0]:
+                self._counts["decompositions"] += 1
+
+    def _owner(self, name: str, which: str) -> int:
+        """The rank that decomposes factor ``which`` of layer ``name`` (this rank before any assignment)."""
+        return self.owners.get((name, which), self.rank)
 
     def _precondition_step(self, k: int, lam: float) -> bool:
         t0 = self._timer()
         plan = self._plan(k)
-        if plan.decompose or plan.brand or plan.overwrite:
+        if self.mode == "replicate" and (plan.decompose or plan.brand or plan.overwrite):
             self._broadcast_factors()
         if self.average_gradients:
             self._average_gradients()
         self._comm_seconds += self._timer() - t0
-        return super()._precondition_step(k, lam)
+        if self.mode == "memory":
+            entries = [
+                (layer, layer.helper.grad_matrix())
+                for layer in self.layers.values()
+                if layer.module.weight.requires_grad and layer.module.weight.grad is not None
+            ]
+            self._precomputed = self._precondition_owned(entries, lam)
+        try:
+            return super()._precondition_step(k, lam)
+        finally:
+            self._precomputed = None
+
+    def _apply_layer(self, layer: KFACLayer, g: torch.Tensor, lam: float, *, thin: bool) -> torch.Tensor:
+        if self._precomputed is not None:  # mode="memory", inside step(): the owner's result
+            return self._precomputed[layer.name]
+        return super()._apply_layer(layer, g, lam, thin=thin)
+
+    def _precondition_owned(self, entries: list[tuple[KFACLayer, torch.Tensor]], lam: float) -> dict[str, torch.Tensor]:
+        """``mode="memory"``: precondition the layers this rank owns, then broadcast every layer's result from its owner.
+
+        Every rank computes its own layers first, so the ranks work in
+        parallel; the broadcasts follow in layer order (``d_G d_A`` elements each).
+        """
+        out = {}
+        for layer, g in entries:
+            if self._owner(layer.name, "A") == self.rank:
+                out[layer.name] = super()._apply_layer(layer, g, lam, thin=False)
+        t0 = self._timer()
+        for layer, g in entries:
+            owner = self._owner(layer.name, "A")
+            v = out[layer.name].contiguous() if owner == self.rank else torch.empty_like(g, memory_format=torch.contiguous_format)
+            dist.broadcast(v, group=self.group, group_src=owner)
+            self._count("preconditioned", v.numel() * v.element_size())
+            out[layer.name] = v
+        self._comm_seconds += self._timer() - t0
+        return out
+
+    def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: float | None = None) -> dict[str, torch.Tensor]:
+        """As :meth:`KFACPreconditioner.precondition`; collective in ``mode="memory"``.
+
+        In ``mode="memory"`` every rank must call it with the same layer names
+        in the same order: each layer is preconditioned by its owner and broadcast.
+        """
+        if self.mode != "memory":
+            return super().precondition(grads, damping=damping)
+        super().precondition({}, damping=damping)  # validates `damping`
+        unknown = [name for name in grads if name not in self.layers]
+        if unknown:
+            raise KeyError(f"{unknown[0]!r} is not a preconditioned layer; known: {list(self.layers)}")
+        lam = self.damping_at(self.steps) if damping is None else float(damping)
+        return self._precondition_owned([(self.layers[name], g) for name, g in grads.items()], lam)
 
     def _kind_for(self, dim: int, s: int) -> str:
         return super()._kind_for(dim, s * self.world_size)
@@ -341,10 +423,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             weight = {"A": 1.0, "G": (layer.samples_seen / n_total) ** 2 if self.loss_reduction == "mean" else 1.0}
             for which, f in layer.factors():
                 if ea and f.keeps_dense:
-                    finish.append(self._reduce_gram(f, weight[which]))
+                    finish.append(self._reduce_gram(f, weight[which], self._owner(layer.name, which)))
                 if brand and f.keeps_rows:
                     counts = per_layer[:, i, 4 if which == "A" else 7].tolist()
-                    self._gather_rows(self.owners[layer.name], f, weight[which], counts)
+                    self._gather_rows(self._owner(layer.name, which), f, weight[which], counts)
             layer.a_rows_seen, layer.samples_seen = self._increment_rank[layer.name], n_total
         for done in finish:
             done()
@@ -365,18 +447,29 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                 "every rank must run the same model, method and schedule and capture every layer"
             )
 
-    def _reduce_gram(self, f: FactorState, weight: float) -> Callable[[], None]:
-        """Start the all-reduce of ``weight · Gram`` (upper triangle); return the function that finishes it."""
+    def _reduce_gram(self, f: FactorState, weight: float, owner: int) -> Callable[[], None]:
+        """Start the all-reduce of ``weight · Gram`` (upper triangle; a reduce to ``owner`` in ``mode="memory"``).
+
+        Returns the function that finishes it: the summed Gram becomes the
+        factor's pending increment (in ``mode="memory"`` on ``owner`` only;
+        the other ranks drop theirs and keep no EA).
+        """
         gram = f._gram if f._gram is not None else torch.zeros(f.dim, f.dim, dtype=f.dtype, device=f.device)
         mask = self._tri_mask(f.dim, gram.device)
         packed = gram[mask]
         if weight != 1.0:
             packed.mul_(weight)
-        work = dist.all_reduce(packed, group=self.group, async_op=True)
+        if self.mode == "memory":
+            work = dist.reduce(packed, group=self.group, group_dst=owner, async_op=True)
+        else:
+            work = dist.all_reduce(packed, group=self.group, async_op=True)
         self._count("statistics", packed.numel() * packed.element_size())
 
         def finish() -> None:
             work.wait()
+            if self.mode == "memory" and owner != self.rank:
+                f._gram = None
+                return
             full = torch.zeros_like(gram)
             full[mask] = packed
             f._gram = full.add_(full.triu(1).T)
@@ -406,28 +499,40 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
 
     # ------------------------------------------------------------------ assignment
     def _assign_new_layers(self) -> None:
-        new = [layer for layer in self.layers.values() if layer.name not in self.owners and any(True for _ in layer.factors())]
+        """Place the factors without an owner (a layer's factors together in ``mode="memory"``)."""
+        new: dict[str, tuple[KFACLayer, list[tuple[str, FactorState]]]] = {}  # work item name -> layer, factors
+        for layer in self.layers.values():
+            for which, f in layer.factors():
+                if (layer.name, which) in self.owners:
+                    continue
+                placed = [self.owners[(layer.name, w)] for w in ("A", "G") if (layer.name, w) in self.owners]
+                if self.mode == "memory" and placed:  # the layer already has an owner
+                    self.owners[(layer.name, which)] = placed[0]
+                    continue
+                name = layer.name if self.mode == "memory" else f"{layer.name}/{which}"
+                new.setdefault(name, (layer, []))[1].append((which, f))
         if new:
             self._assign(new)
+        if self.mode == "memory":
+            for layer in self.layers.values():
+                for which, f in layer.factors():
+                    if self._owner(layer.name, which) != self.rank:
+                        _release(f)
 
-    def _assign(self, layers: list[KFACLayer]) -> None:
-        items = [
-            WorkItem(
-                layer.name,
-                sum(
-                    decomposition_cost(f, self._increment_rank.get(layer.name, 0), oversample=self.oversample, n_iter=self.n_iter)
-                    for _, f in layer.factors()
-                ),
-            )
-            for layer in layers
-        ]
+    def _assign(self, new: Mapping[str, tuple[KFACLayer, list[tuple[str, FactorState]]]]) -> None:
+        items = []
+        for name, (layer, factors) in new.items():
+            s = self._increment_rank.get(layer.name, 0)
+            items.append(WorkItem(name, sum(decomposition_cost(f, s, oversample=self.oversample, n_iter=self.n_iter) for _, f in factors)))
         owners = self.assignment.assign(items, list(self._loads))
         for item, owner in zip(items, owners):
             if not 0 <= owner < self.world_size:
-                raise ValueError(f"{type(self.assignment).__name__} placed layer {item.name!r} on rank {owner}")
-            self.owners[item.name] = owner
+                raise ValueError(f"{type(self.assignment).__name__} placed {item.name!r} on rank {owner}")
+            layer, factors = new[item.name]
+            for which, _ in factors:
+                self.owners[(layer.name, which)] = owner
             self._loads[owner] += item.cost
-        logger.debug("rank %d: layer owners %s", self.rank, self.owners)
+        logger.debug("rank %d: factor owners %s", self.rank, self.owners)
 
     # ------------------------------------------------------------------ decompositions
     def _broadcast_factors(self) -> None:
@@ -486,9 +591,41 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         """Where collectives' small tensors live: the model's device (NCCL needs CUDA tensors)."""
         return next(iter(self.layers.values())).module.weight.device
 
+    def _factor_bytes(self) -> int:
+        """Bytes of the factor tensors this rank holds (a tensor shared by snapshot and Brand state counted once)."""
+        held: dict[int, int] = {}
+        for layer in self.layers.values():
+            for _, f in layer.factors():
+                for t in _held_tensors(f):
+                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(held.values())
+
     def _count(self, category: str, nbytes: int) -> None:
         self._bytes_step[category] += nbytes
         self._bytes_total[category] += nbytes
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :meth:`KFACPreconditioner.state_dict`; in ``mode="memory"`` collective, and complete on rank 0 only.
+
+        In ``mode="memory"`` every rank must call it: each owner sends its
+        factors' state to rank 0 (point to point), so only rank 0 holds the
+        whole state, transiently; the other ranks return their own factors.
+        """
+        sd = super().state_dict()
+        if self.mode != "memory":
+            return sd
+        for name, layer_sd in sd["layers"].items():
+            for which in ("A", "G"):
+                owner = self.owners.get((name, which), 0)
+                if owner == 0 or layer_sd[which] is None or self.rank not in (0, owner):
+                    continue
+                box = [layer_sd[which]]
+                if self.rank == owner:
+                    dist.send_object_list(box, group=self.group, group_dst=0)
+                else:
+                    dist.recv_object_list(box, group=self.group, group_src=owner)
+                    layer_sd[which] = box[0]
+        return sd
 
     def stats(self) -> dict[str, Any]:
         """:meth:`KFACPreconditioner.stats` plus ``"distributed"``.
@@ -496,8 +633,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         Returns
         -------
         dict
-            ``stats["distributed"]`` holds ``rank``, ``world_size``, ``owners``
-            (layer name to rank), ``decompositions`` (factor decompositions and
+            ``stats["distributed"]`` holds ``rank``, ``world_size``, ``mode``,
+            ``owners`` (layer name to ``{"A": rank, "G": rank}``),
+            ``factor_bytes`` (bytes of the EAs, decompositions and Brand
+            states this rank holds), ``decompositions`` (factor decompositions and
             Brand updates computed on this rank), ``received`` (factor states
             received from their owners), ``bytes_last_step`` and ``bytes_total``
             (payload bytes per category of :data:`BYTE_CATEGORIES`: the
@@ -508,7 +647,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         out["distributed"] = {
             "rank": self.rank,
             "world_size": self.world_size,
-            "owners": dict(self.owners),
+            "mode": self.mode,
+            "owners": _nested(self.owners),
+            "factor_bytes": self._factor_bytes(),
             "decompositions": self._counts["decompositions"],
             "received": self._counts["received"],
             "bytes_last_step": dict(self._bytes_step),
@@ -524,6 +665,7 @@ def distribute(
     group: Any = None,
     assignment: AssignmentPolicy | None = None,
     average_gradients: bool = True,
+    mode: str = "replicate",
 ) -> KFACPreconditioner:
     """Turn a freshly built :class:`~onlinela_torch.KFACPreconditioner` into a distributed one, in place.
 
@@ -538,8 +680,9 @@ def distribute(
     ----------
     preconditioner : KFACPreconditioner
         Exactly this class (subclasses such as KLD-WRM's are refused), at step 0.
-    group, assignment
-        As :class:`DistributedKFACPreconditioner`.
+    group, assignment, mode
+        As :class:`DistributedKFACPreconditioner` (``mode`` applies only to a
+        preconditioner made distributed here, not to one built distributed).
     average_gradients : bool
         Average ``p.grad`` over the ranks; pass False when the model is
         trained through DDP (the gradients are already averaged).
@@ -559,7 +702,7 @@ def distribute(
     if preconditioner.steps != 0:
         raise ValueError("distribute() must be called before the first step (the factors would differ across ranks)")
     preconditioner.__class__ = DistributedKFACPreconditioner
-    preconditioner._setup_distributed(group, assignment, average_gradients)
+    preconditioner._setup_distributed(group, assignment, average_gradients, mode)
     return preconditioner
 
 
@@ -617,6 +760,47 @@ def _describe(obj: Any) -> Any:
     if callable(obj):
         return getattr(obj, "__qualname__", type(obj).__name__)
     return obj
+
+
+@contextlib.contextmanager
+def _decompositions_disabled(factors: Sequence[FactorState]) -> Iterator[None]:
+    """Within the block, ``update_brand`` and ``refresh`` of ``factors`` do nothing (their owner runs them)."""
+    for f in factors:
+        f.update_brand = f.refresh = _do_nothing  # instance attributes shadow the methods
+    try:
+        yield
+    finally:
+        for f in factors:
+            del f.update_brand, f.refresh
+
+
+def _do_nothing(*args: Any, **kwargs: Any) -> None:
+    """Stands in for a factor's update method on a rank that does not own the factor."""
+
+
+def _release(f: FactorState) -> None:
+    """Drop a factor's EA, snapshot and Brand state (``mode="memory"``, a factor another rank owns)."""
+    f.ea = None
+    f.eigen = None
+    if hasattr(f, "brand"):
+        f.brand = None
+
+
+def _held_tensors(f: FactorState) -> list[torch.Tensor]:
+    """The tensors a factor keeps between steps: EA, snapshot, Brand state."""
+    out = [f.ea] if f.ea is not None else []
+    for lr in (None if f.eigen is None else f.eigen.approx, getattr(f, "brand", None)):
+        if lr is not None:
+            out += [lr.eigvecs, lr.eigvals]
+    return out
+
+
+def _nested(owners: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
+    """``{(layer, which): rank}`` as ``{layer: {which: rank}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for (name, which), rank in owners.items():
+        out.setdefault(name, {})[which] = rank
+    return out
 
 
 def _version(f: FactorState) -> tuple[Any, ...]:
