@@ -299,6 +299,17 @@ def evaluate(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return loss, acc
 
 
+@torch.no_grad()
+def squared_error(task: Task, model: nn.Module, x: torch.Tensor) -> float:
+    """Autoencoders: summed squared reconstruction error per sample (of the sigmoid of the logits for BCE tasks)."""
+    was_training = model.training
+    model.eval()
+    out = model(x)
+    model.train(was_training)
+    recon = torch.sigmoid(out) if task.loss == "bce" else out
+    return float(((recon - x.flatten(1)) ** 2).sum(1).mean())
+
+
 # =========================================================================== methods
 def kfac_methods() -> tuple[str, ...]:
     """The preconditioner's method names, read from the library."""
@@ -380,10 +391,15 @@ def _batches(n: int, batch: int, gen: torch.Generator):
             yield perm[i : i + batch]
 
 
-def run_one(spec: RunSpec) -> dict[str, Any]:
-    """Train one run; returns its record (curve of held-out losses at 10 checkpoints, score, divergence)."""
+def run_one(spec: RunSpec, task: Task | None = None, make_stepper: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """Train one run; returns its record (curve of held-out losses at 10 checkpoints, score, divergence).
+
+    ``task`` defaults to the zoo task ``spec.task``; ``make_stepper(method, model, lr, task, kw, kld_kw)``
+    (default :class:`Stepper`) wires the method to the model (benchmarks/peers.py passes its own).
+    """
     torch.set_num_threads(1)
-    task = task_by_name(spec.task)
+    task = task_by_name(spec.task) if task is None else task
+    make_stepper = Stepper if make_stepper is None else make_stepper
     data = load(task.data)
     torch.manual_seed(spec.seed)
     model = task.model()
@@ -398,7 +414,7 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     curve = [dict(fraction=0.0, used=0.0, cpu=0.0, steps=0, test_loss=init_loss, test_acc=init_acc)]
     steps, used, cpu, diverged, stopped = 0, 0.0, 0.0, False, False
     try:
-        stepper = Stepper(spec.method, model, spec.lr, task, dict(spec.kw), dict(spec.kld_kw))
+        stepper = make_stepper(spec.method, model, spec.lr, task, dict(spec.kw), dict(spec.kld_kw))
         clock = time.process_time
         batches = _batches(ntr, task.batch, gen)
         for k in range(1, CHECKPOINTS + 1):
@@ -429,6 +445,8 @@ def run_one(spec: RunSpec) -> dict[str, Any]:
     if not math.isfinite(final) or final > init_loss:
         diverged = True
     train_loss, _ = evaluate(task, model, x_sub, y_sub)
+    if task.kind == "autoencoder":
+        rec["final_test_sqerr_per_sample"] = squared_error(task, model, data.x_test)
     rec.update(
         curve=curve,
         steps=steps,
