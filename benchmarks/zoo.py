@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import hashlib
 import inspect
 import json
 import logging
@@ -634,10 +635,25 @@ def git_head() -> str:
         return f"unknown ({exc})"
 
 
+def library_diff() -> dict[str, Any]:
+    """Uncommitted changes to the library (``adapters/``, ``onlinela/``) that the run used: files and a diff hash."""
+    try:
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--", "adapters", "onlinela"], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        names = subprocess.run(
+            ["git", "status", "--porcelain", "--", "adapters", "onlinela"], cwd=ROOT, capture_output=True, text=True,
+            check=True,
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        return dict(error=repr(exc))
+    return dict(files=[n.strip() for n in names if n.strip()], diff_sha256=hashlib.sha256(diff).hexdigest())
+
+
 def environment() -> dict[str, Any]:
     """What the JSON records about the machine and the library version."""
     return dict(
-        git=git_head(), python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+        git=git_head(), uncommitted=library_diff(), python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
         processor=platform.processor(), clock="time.process_time (process CPU seconds, eval excluded)",
         torch_threads=1, kfac_preconditioner_takes_optimizer=takes_optimizer(),
     )  # fmt: skip
