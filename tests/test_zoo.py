@@ -130,3 +130,19 @@ def test_unknown_names_are_rejected(zoo):
         zoo.specs(zoo.parser().parse_args(["--methods", "sgd,nope"]))
     with pytest.raises(SystemExit, match="--kw"):
         zoo.specs(zoo.parser().parse_args(["--kw", "damping"]))
+
+
+def test_peers_muon_gets_only_hidden_matrices(zoo):
+    spec = importlib.util.spec_from_file_location("peers", ZOO_PATH.with_name("peers.py"))
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+    model = zoo.cnn_maxpool("relu")
+    opt = peers.muon(model, 0.01)
+    muon, adam = opt.opts
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adam, torch.optim.Adam)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    # the hidden FC weight only: convolutions, biases and the output layer stay with Adam
+    assert in_muon == {id(linears[0].weight)}
+    in_adam = {id(p) for g in adam.param_groups for p in g["params"]}
+    assert in_adam | in_muon == {id(p) for p in model.parameters()} and not in_adam & in_muon
