@@ -76,10 +76,11 @@ def test_a_saved_checkpoint_verifies_and_stays_readable_by_torch_load(tmp_path):
     model, _ = tiny_checkpoint(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temporary file left
     blob = path.read_bytes()
-    payload = ex.verify_checkpoint_bytes(blob)
+    n = ex.verify_checkpoint(io.BytesIO(blob))
     # the trailer: "\n", the format tag, " sha256=", 64 hex digits, "\n"
-    assert blob.startswith(payload) and len(blob) - len(payload) == 1 + len(ex.CHECKPOINT_FORMAT) + 8 + 64 + 1
-    assert ex.CHECKPOINT_FORMAT in blob[len(payload):]
+    assert len(blob) - n == 1 + len(ex.CHECKPOINT_FORMAT) + 8 + 64 + 1
+    assert blob[n:].startswith(b"\n" + ex.CHECKPOINT_FORMAT + b" sha256=")
+    assert blob[n + 1 + len(ex.CHECKPOINT_FORMAT) + 8:-1].decode() == hashlib.sha256(blob[:n]).hexdigest()
     plain = torch.load(path, weights_only=True)  # tools that know nothing of the trailer still read it
     torch.testing.assert_close(plain["model"]["weight"], model.weight.detach(), rtol=0, atol=0)
     state = ex.read_checkpoint(path)
@@ -97,7 +98,7 @@ def test_every_single_flipped_byte_is_detected(tmp_path):
         bad = bytearray(blob)
         bad[offset] ^= rng.randrange(1, 256)
         try:
-            ex.verify_checkpoint_bytes(bytes(bad))
+            ex.verify_checkpoint(io.BytesIO(bytes(bad)))
         except ex.CheckpointError:
             continue
         undetected.append(offset)

@@ -60,7 +60,7 @@ __all__ = [
     "save_checkpoint",
     "select_lr",
     "train",
-    "verify_checkpoint_bytes",
+    "verify_checkpoint",
 ]
 
 #: The K-FAC family as named in the architecture's API contract (the order of
@@ -729,6 +729,23 @@ def discard_partial_checkpoint(path: str | os.PathLike[str]) -> bool:
     return True
 
 
+class _HashingWriter:
+    """A binary file wrapper that feeds everything written through it to a SHA-256."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        self.size += memoryview(data).nbytes
+        return self._fh.write(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+
 def _fsync_dir(directory: pathlib.Path) -> None:
     """Make a rename in ``directory`` durable (POSIX; a no-op where directories cannot be opened)."""
     try:
@@ -765,8 +782,8 @@ def save_checkpoint(
     over ``path`` (:func:`os.replace`) and the directory fsync'ed: a reader
     sees the old checkpoint or the new one, never a mix.  A stale
     ``<path>.tmp`` from a killed writer is removed first; one from an
-    exception here is removed on the way out.  Cost: one serialisation and
-    one SHA-256 pass over the state (O(size)).
+    exception here is removed on the way out.  Cost: one serialisation,
+    hashed as it is written (O(size) time, no second copy in memory).
     """
     path = pathlib.Path(path)
     state = {
@@ -779,63 +796,74 @@ def save_checkpoint(
     }
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    payload = buffer.getvalue()
-    trailer = _TRAILER_TAG + hashlib.sha256(payload).hexdigest().encode("ascii") + b"\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     discard_partial_checkpoint(path)
     tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.write(trailer)
+            writer = _HashingWriter(fh)
+            torch.save(state, writer)
+            fh.write(_TRAILER_TAG + writer.digest.hexdigest().encode("ascii") + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
-    logger.debug("checkpoint: epoch %d -> %s (%d bytes)", state["epoch"], path, len(payload) + len(trailer))
+    logger.debug("checkpoint: epoch %d -> %s (%d bytes)", state["epoch"], path, writer.size + _TRAILER_LEN)
 
 
-def verify_checkpoint_bytes(blob: bytes, name: str = "checkpoint") -> bytes:
-    """The :func:`torch.save` payload of a checkpoint's bytes, after checking its digest.
+def verify_checkpoint(fh: Any, name: str = "checkpoint") -> int:
+    """Check a checkpoint's SHA-256 trailer, reading ``fh`` in 1 MiB chunks.
 
     Parameters
     ----------
-    blob : bytes
-        The whole file.
+    fh : binary file object
+        Seekable, positioned anywhere (an open file, :class:`io.BytesIO`).
     name : str, default "checkpoint"
         Names the file in error messages.
 
     Returns
     -------
-    bytes
-        ``blob`` without its trailer.
+    int
+        Length of the :func:`torch.save` payload (the bytes before the
+        trailer).
 
     Raises
     ------
     CheckpointError
-        If ``blob`` is empty, has no valid trailer (not a checkpoint of this
-        format, truncated) or its SHA-256 differs from the stored one (any
-        changed byte).
+        If the file is empty, has no valid trailer (not a checkpoint of this
+        format, or truncated) or its SHA-256 differs from the stored one (any
+        changed byte, anywhere).
     """
-    if not blob:
+    size = fh.seek(0, io.SEEK_END)
+    if size == 0:
         raise CheckpointError(f"{name} is empty (0 bytes)")
-    trailer, payload = blob[-_TRAILER_LEN:], blob[:-_TRAILER_LEN]
+    fh.seek(max(0, size - _TRAILER_LEN))
+    trailer = fh.read()
     stored = trailer[len(_TRAILER_TAG):-1]
-    if (len(blob) <= _TRAILER_LEN or not trailer.startswith(_TRAILER_TAG) or not trailer.endswith(b"\n")
-            or len(stored) != 64 or not all(c in b"0123456789abcdef" for c in stored)):
+    if (size <= _TRAILER_LEN or not trailer.startswith(_TRAILER_TAG) or not trailer.endswith(b"\n")
+            or not all(c in b"0123456789abcdef" for c in stored)):
         raise CheckpointError(f"{name} is not an onlinela checkpoint ({CHECKPOINT_FORMAT.decode()}), "
-                              f"or it is truncated: no integrity trailer at its end ({len(blob)} bytes)")
-    if hashlib.sha256(payload).hexdigest().encode("ascii") != stored:
+                              f"or it is truncated: no integrity trailer at its end ({size} bytes)")
+    digest, left = hashlib.sha256(), size - _TRAILER_LEN
+    fh.seek(0)
+    while left:
+        chunk = fh.read(min(left, 1 << 20))
+        if not chunk:
+            raise CheckpointError(f"{name} shrank while it was read")
+        digest.update(chunk)
+        left -= len(chunk)
+    if digest.hexdigest().encode("ascii") != stored:
         raise CheckpointError(f"{name} is corrupted: its SHA-256 does not match the digest stored in it")
-    return payload
+    return size - _TRAILER_LEN
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and verify a checkpoint without applying it (compare its ``config`` first).
+
+    The digest is checked (:func:`verify_checkpoint`) before anything is
+    unpickled, on the same open file that is then loaded.
 
     Returns
     -------
@@ -845,18 +873,20 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises
     ------
     CheckpointError
-        If the file cannot be read, fails :func:`verify_checkpoint_bytes`, or
+        If the file cannot be opened, fails :func:`verify_checkpoint`, or
         lacks an entry.
     """
     try:
-        blob = pathlib.Path(path).read_bytes()
+        fh = open(path, "rb")
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
-    payload = verify_checkpoint_bytes(blob, str(path))
-    try:  # the digest matched: these are bytes save_checkpoint wrote
-        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a digest-valid file this torch cannot read (another torch version)
-        raise CheckpointError(f"{path}: torch.load failed on a digest-valid checkpoint: {_one_line(exc)}") from None
+    with fh:
+        verify_checkpoint(fh, str(path))
+        fh.seek(0)
+        try:  # the digest matched: these are bytes save_checkpoint wrote
+            state = torch.load(fh, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a digest-valid file this torch cannot read (another torch version)
+            raise CheckpointError(f"{path}: torch.load failed on a digest-valid checkpoint: {_one_line(exc)}") from None
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a checkpoint of onlinela train")
