@@ -278,3 +278,15 @@ def test_a_writer_killed_mid_save_leaves_the_old_checkpoint_and_no_litter(tmp_pa
     assert code == 0 and "epoch 2" in out
     assert not tmp.exists()
     assert ex.read_checkpoint(path)["epoch"] == 2
+
+
+def test_an_unwritable_checkpoint_path_fails_before_training(tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before --checkpoint was checked")
+
+    monkeypatch.setattr(ex, "train", refuse)
+    code, out, err = run([*TRAIN, "--epochs", "1", "--checkpoint", str(tmp_path)], capsys)
+    assert_one_line_error(code, out, err, "is a directory")
+    (tmp_path / "file").write_text("")
+    code, out, err = run([*TRAIN, "--epochs", "1", "--checkpoint", str(tmp_path / "file" / "c.pt")], capsys)
+    assert_one_line_error(code, out, err, "cannot create its directory")

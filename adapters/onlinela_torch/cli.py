@@ -414,6 +414,8 @@ def _train(args: argparse.Namespace) -> int:
         raise CLIError("--resume needs --checkpoint PATH (the file to resume from)")
     if args.resume == "required" and not pathlib.Path(args.checkpoint).is_file():
         raise CLIError(f"--resume: no checkpoint at {args.checkpoint}")
+    if args.checkpoint:
+        _check_writable(args.checkpoint)
     lr = args.lr or ex.available_optimizers()[name].lr
     batch = args.batch_size or task.batch_size
     epochs = args.epochs or task.epochs
@@ -445,7 +447,10 @@ def _train(args: argparse.Namespace) -> int:
         logger.info("epoch %d: %.1f s, loss %.4g, %s %.4g", epoch, rec["seconds"], rec["train_loss"],
                     task.metric_name, rec["metric"])
         if args.checkpoint and main_rank:  # every rank holds the same state
-            ex.save_checkpoint(args.checkpoint, model=model, stepper=stepper, history=hist, config=config)
+            try:
+                ex.save_checkpoint(args.checkpoint, model=model, stepper=stepper, history=hist, config=config)
+            except OSError as exc:  # e.g. the disk is full; the previous checkpoint is intact
+                raise CLIError(f"--checkpoint {args.checkpoint}: cannot write it: {exc.strerror or exc}") from None
         if args.checkpoint and dp.distributed_active():
             torch.distributed.barrier()  # no rank goes on (or dies) before the checkpoint is on disk
         _inject_fault(epoch)
@@ -467,6 +472,19 @@ def _train(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{name} on {task.name}: epoch {last['epoch']}, {task.metric_name} {last['metric']:.4g}{status}, "
                      f"{last['seconds']:.1f} s training; wrote {out / 'train.json'}\n")
     return 1 if result.diverged else 0
+
+
+def _check_writable(path: str) -> None:
+    """Refuse a ``--checkpoint`` that cannot be written, before any training."""
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise CLIError(f"--checkpoint {path}: is a directory; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--checkpoint {path}: cannot create its directory: {exc.strerror or exc}") from None
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise CLIError(f"--checkpoint {path}: not writable")
 
 
 def _read_resume(path: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -531,7 +549,7 @@ def _train_rank(args: argparse.Namespace) -> int:
     try:
         return _train(args)
     except (CLIError, DataError) as exc:
-        sys.stderr.write(f"onlinela train (rank {rank}): error: {exc}\n")
+        sys.stderr.write(f"onlinela train (rank {rank}): error: {_one_line(exc)}\n")
         return 2
 
 
