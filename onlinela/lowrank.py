@@ -74,13 +74,21 @@ class LowRankPSD:
         _check_complement(self.complement)
 
     @classmethod
-    def _trusted(cls, eigvecs: Any, eigvals: Any, complement: float | str = 0.0) -> LowRankPSD:
-        """Construct without validation (internal callers that guarantee the contract)."""
+    def unchecked(cls, eigvecs: Any, eigvals: Any, complement: float | str = 0.0) -> LowRankPSD:
+        """Construct without validation: the fast path for callers that guarantee the contract.
+
+        Same parameters as the class; nothing is checked (no namespace, dtype,
+        shape, sign or order check, no host synchronisation), so a violation
+        gives wrong results later instead of an error here.  Cost ``O(1)``.
+        """
         obj = object.__new__(cls)
         object.__setattr__(obj, "eigvecs", eigvecs)
         object.__setattr__(obj, "eigvals", eigvals)
         object.__setattr__(obj, "complement", complement)
         return obj
+
+    # the pre-0.2 private name, still used by adapters/onlinela_torch/kldwrm.py and its tests
+    _trusted = unchecked
 
     # ------------------------------------------------------------------ properties
     @property
@@ -203,7 +211,7 @@ class LowRankPSD:
     def truncate(self, rank: int) -> LowRankPSD:
         """Keep the top ``rank`` eigenpairs (``0 <= rank <= self.rank``).  Cost ``O(1)`` (views)."""
         rank = V.check_int(rank, "rank", low=0, high=self.rank, what="the current rank")
-        return LowRankPSD._trusted(self.eigvecs[..., :rank], self.eigvals[..., :rank], self.complement)
+        return LowRankPSD.unchecked(self.eigvecs[..., :rank], self.eigvals[..., :rank], self.complement)
 
 
 def _check_complement(c: Any) -> None:

@@ -121,13 +121,15 @@ def empty_lowrank(
     w = xp.full(batch + (rank,), float(complement), dtype=dtype, device=device)
     if batch:
         U = xp.zeros(batch + (dim, rank), dtype=dtype, device=device) + U
-    return LowRankPSD._trusted(U, w, float(complement))
+    return LowRankPSD.unchecked(U, w, float(complement))
 
 
 # ----------------------------------------------------------------------------- Brand update
 
 
-def brand_update(approx: LowRankPSD, X: Any, *, decay: float, rank: int | None = None) -> LowRankPSD:
+def brand_update(
+    approx: LowRankPSD, X: Any, *, decay: float, rank: int | None = None, check_inputs: bool = True
+) -> LowRankPSD:
     r"""Brand's online update: the eigendecomposition of ``decay·M + (1-decay)·X Xᵀ``.
 
     With ``M = U diag(w) Uᵀ (+ c (I - UUᵀ))`` given by ``approx``, returns the
@@ -151,6 +153,11 @@ def brand_update(approx: LowRankPSD, X: Any, *, decay: float, rank: int | None =
         ``ρ``, the weight of the old average.
     rank : int >= 0, optional
         Keep only the top ``rank`` eigenpairs.  ``None`` keeps all ``r + k``.
+    check_inputs : bool, default True
+        ``False`` skips the argument checks (types, namespaces, dtypes, shapes,
+        ``decay``, ``rank``): the unchecked fast path for hot loops whose
+        arguments are valid by construction.  Non-finite data is still refused
+        (that check is part of the update, ``O(d n)``).
 
     Returns
     -------
@@ -196,6 +203,8 @@ def brand_update(approx: LowRankPSD, X: Any, *, decay: float, rank: int | None =
     >>> M.rank
     20
     """
+    if not check_inputs:
+        return _brand_update(approx, X, decay, rank)
     if not isinstance(approx, LowRankPSD):
         raise TypeError(f"`approx` must be a LowRankPSD, got {type(approx).__name__}")
     xp = B.get_namespace(approx.eigvecs, X, names=("approx", "X"))
@@ -309,7 +318,7 @@ def _brand_update(
         UZ = xp.concat([U, Z], axis=-1) if r else Z
     Unew = UZ @ W
     newc: float | str = comp if isinstance(comp, str) else rho * cval
-    return LowRankPSD._trusted(Unew, s, newc)
+    return LowRankPSD.unchecked(Unew, s, newc)
 
 
 def _maxabs(xp: ModuleType, a: Any) -> float:
@@ -423,7 +432,9 @@ def _blockdiag(xp: ModuleType, A: Any, Bm: Any | None, batch: tuple[int, ...]) -
 # ----------------------------------------------------------------------------- Rayleigh-Ritz refresh
 
 
-def rayleigh_ritz_refresh(approx: LowRankPSD, A: Any, *, fraction: float = 0.2, rng: Any = None) -> LowRankPSD:
+def rayleigh_ritz_refresh(
+    approx: LowRankPSD, A: Any, *, fraction: float = 0.2, rng: Any = None, check_inputs: bool = True
+) -> LowRankPSD:
     r"""Partial Rayleigh–Ritz refresh of a low-rank state against the dense factor (B-KFAC-c).
 
     Picks ``m = ceil(fraction·r)`` of the ``r`` columns at random (the same
@@ -446,6 +457,10 @@ def rayleigh_ritz_refresh(approx: LowRankPSD, A: Any, *, fraction: float = 0.2, 
         ``φ``, the fraction of columns refreshed (the paper uses 0.2).
     rng : None, int or numpy.random.Generator
         Chooses the columns; the same seed gives the same columns.
+    check_inputs : bool, default True
+        ``False`` skips every argument check (the ``O(d^2)`` symmetry pass
+        included): the unchecked fast path for hot loops whose arguments are
+        valid by construction.  Invalid arguments then give undefined results.
 
     Returns
     -------
@@ -458,6 +473,8 @@ def rayleigh_ritz_refresh(approx: LowRankPSD, A: Any, *, fraction: float = 0.2, 
     (it needs the dense factor, so B-KFAC-c is not memory-linear); the
     ``d r^2`` term is the exact permutation that re-sorts the pairs.
     """
+    if not check_inputs:
+        return _rayleigh_ritz_refresh(approx, A, fraction, rng)
     if not isinstance(approx, LowRankPSD):
         raise TypeError(f"`approx` must be a LowRankPSD, got {type(approx).__name__}")
     xp = B.get_namespace(approx.eigvecs, A, names=("approx", "A"))
@@ -504,4 +521,4 @@ def _rayleigh_ritz_refresh(
     perm = xp.astype(xp.arange(r, device=dev)[:, None] == order[..., None, :], dt)  # exact 0/1
     Unew = Uall @ perm
     wnew = (wall[..., None, :] @ perm)[..., 0, :]
-    return LowRankPSD._trusted(Unew, wnew, approx.complement)
+    return LowRankPSD.unchecked(Unew, wnew, approx.complement)

@@ -171,7 +171,7 @@ def _eigh_subspace(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: 
     T = B.mT(xp, Q) @ (A @ Q)  # Rayleigh quotient, (..., k, k)
     w, W = B.eigh(xp, T)  # descending, symmetrised, float64 retry
     U = Q @ W[..., :rank]
-    return LowRankPSD._trusted(U, _clip0(xp, w[..., :rank]))
+    return LowRankPSD.unchecked(U, _clip0(xp, w[..., :rank]))
 
 
 def _clip0(xp: ModuleType, w: Any) -> Any:
@@ -185,11 +185,11 @@ def _eigh_svd(xp: ModuleType, A: Any, rank: int, oversample: int, n_iter: int, g
     Vt = B.mT(xp, Vh)
     neg = xp.sum(U * Vt, axis=-2) < 0  # (..., rank)
     if not bool(xp.any(neg)):
-        return LowRankPSD._trusted(Vt, s)
+        return LowRankPSD.unchecked(Vt, s)
     w = xp.where(neg, xp.zeros_like(s), s)
     order = xp.argsort(w, axis=-1, descending=True, stable=True)
     perm = xp.astype(xp.arange(rank, device=B.device(s))[:, None] == order[..., None, :], s.dtype)  # exact 0/1
-    return LowRankPSD._trusted(Vt @ perm, (w[..., None, :] @ perm)[..., 0, :])
+    return LowRankPSD.unchecked(Vt @ perm, (w[..., None, :] @ perm)[..., 0, :])
 
 
 def _eigh_nystrom(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: np.random.Generator) -> LowRankPSD:
@@ -223,7 +223,7 @@ def _eigh_nystrom(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: n
     pos = s2 > tiny
     inv_s = xp.where(pos, 1.0 / xp.sqrt(xp.where(pos, s2, xp.ones_like(s2))), xp.zeros_like(s2))
     U = _reorthonormalise(xp, Bm @ (Z[..., :rank] * inv_s[..., None, :]))
-    return LowRankPSD._trusted(U, _clip0(xp, s2 - nu[..., 0]))
+    return LowRankPSD.unchecked(U, _clip0(xp, s2 - nu[..., 0]))
 
 
 def _reorthonormalise(xp: ModuleType, U: Any) -> Any:
@@ -301,7 +301,7 @@ def _eigh_krylov(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: np
     AK = xp.concat(images, axis=-1)
     T = B.mT(xp, K) @ AK
     w, W = B.eigh(xp, T)
-    return LowRankPSD._trusted(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
+    return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
 
 
 def _next_block(xp: ModuleType, K: Any, W: Any, gen: np.random.Generator) -> Any:
@@ -358,7 +358,7 @@ def _auto_block(rank: int, d: int) -> int:
 
 def _eigh_dense(xp: ModuleType, A: Any, rank: int) -> LowRankPSD:
     w, W = B.eigh(xp, A)
-    return LowRankPSD._trusted(W[..., :rank], _clip0(xp, w[..., :rank]))
+    return LowRankPSD.unchecked(W[..., :rank], _clip0(xp, w[..., :rank]))
 
 
 def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np.random.Generator) -> LowRankPSD:
@@ -400,7 +400,7 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
         last = int(nxt.shape[-1])
         ncols += last
     w, W = B.eigh(xp, T)
-    return LowRankPSD._trusted(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
+    return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
 
 
 def _ritz_converged(xp: ModuleType, T: Any, nxt: Any, image: Any, rank: int, last: int) -> bool:
@@ -526,7 +526,7 @@ def _adaptive_randomized_eigh(
         T = B.mT(xp, Q) @ xp.concat(images, axis=-1)
         w, W = B.eigh(xp, T)
         w = _clip0(xp, w)
-        approx = LowRankPSD._trusted(Q @ W, w)
+        approx = LowRankPSD.unchecked(Q @ W, w)
         target = tol * w[..., 0]  # θ_1 <= ||A||_2: conservative
         if k >= d:  # complete basis: exact up to rounding
             err = xp.zeros(batch, dtype=A.dtype, device=B.device(A))
