@@ -67,6 +67,9 @@ class ScaleShiftBlock(CurvatureBlock):
         out = [(pre + "weight", self.module.weight)] + ([(pre + "bias", self.module.bias)] if self.has_bias else [])
         return [(n, p) for n, p in out if p.requires_grad]
 
+    def fisher_params(self) -> list[nn.Parameter]:  # noqa: D102  (one suffices: both see the same output)
+        return [p for _, p in self.params()][:1]
+
     # ------------------------------------------------------------------ capture
     def _attach(self) -> list[Any]:
         return [self.module.register_forward_hook(self._forward_hook)]
