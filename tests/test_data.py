@@ -195,3 +195,36 @@ def test_load_dataset_argument_errors():
         data.load_dataset("digits", test_fraction=1.0)
     with pytest.raises(ValueError, match="max_train"):
         data.load_dataset("digits", max_train=0)
+
+
+def test_pydoc_text_corpus_is_bundled_split_and_encoded_with_the_fixed_vocabulary():
+    corpus = data.load_pydoc_text(val_fraction=0.1)
+    n = corpus.train.numel() + corpus.val.numel()
+    assert n > 300_000  # the help topics of any CPython 3.9+ (0.45-0.75 MB)
+    assert corpus.val.numel() == round(0.1 * n)
+    assert corpus.vocab == data.TEXT_VOCAB and corpus.vocab_size == 97
+    assert corpus.train.dtype == torch.int64 and int(corpus.train.max()) < 97
+    assert (torch.cat([corpus.train, corpus.val]) == 0).float().mean() < 0.01  # few characters outside ASCII
+    text = 'The "assert" statement\n'
+    assert corpus.decode(corpus.encode(text)) == text
+    assert corpus.decode(corpus.encode("é")) == "\x00"
+
+
+def test_pydoc_text_batches_and_windows_are_next_character_pairs():
+    corpus = data.load_pydoc_text()
+    gen = torch.Generator().manual_seed(0)
+    x, y = corpus.batch("train", 4, 16, generator=gen)
+    assert x.shape == y.shape == (4, 16)
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])
+    gen2 = torch.Generator().manual_seed(0)
+    torch.testing.assert_close(corpus.batch("train", 4, 16, generator=gen2)[0], x)
+    xv, yv = corpus.windows("val", 32, max_windows=5)
+    assert xv.shape == (5, 32)
+    torch.testing.assert_close(xv.reshape(-1)[1:], yv.reshape(-1)[:-1])
+    torch.testing.assert_close(xv.reshape(-1), corpus.val[:160])
+    with pytest.raises(ValueError, match="split"):
+        corpus.batch("test", 2, 8)
+    with pytest.raises(ValueError, match="context"):
+        corpus.windows("val", 0)
+    with pytest.raises(ValueError, match="val_fraction"):
+        data.load_pydoc_text(val_fraction=1.0)

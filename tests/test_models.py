@@ -108,3 +108,39 @@ def test_vgg16_bn_construct_only():
 def test_vgg16_bn_narrow_proxy_forward():
     model = models.vgg16_bn(width=1 / 16)
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_tiny_causal_lm_shapes_layout_and_parameter_count():
+    torch.manual_seed(0)
+    model = models.TinyCausalLM(11, d_model=8, n_layers=2, n_heads=2, context=6)
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    assert len(layers) == 2 and all(layer.norm_first and layer.self_attn.batch_first for layer in layers)
+    x = torch.randint(0, 11, (3, 5))
+    assert model(x).shape == (3, 5, 11)
+    d, V, T = 8, 11, 6
+    assert models.count_parameters(model) == V * d + T * d + 2 * (12 * d * d + 13 * d) + 2 * d + d * V + V
+
+
+def test_tiny_causal_lm_is_causal_in_training_and_eval():
+    torch.manual_seed(1)
+    model = models.TinyCausalLM(7, d_model=8, n_layers=2, n_heads=2, context=8)
+    x = torch.randint(0, 7, (2, 8))
+    y = x.clone()
+    y[:, 5:] = (y[:, 5:] + 1) % 7  # change the future only
+    for mode in (model.train, model.eval):
+        mode()
+        with torch.no_grad():
+            a, b = model(x), model(y)
+        torch.testing.assert_close(a[:, :5], b[:, :5])
+        assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_tiny_causal_lm_tied_weights_and_bad_arguments():
+    model = models.TinyCausalLM(9, d_model=8, n_heads=2, context=4, tie_weights=True)
+    assert model.head.weight is model.tok.weight and model.head.bias is None
+    with pytest.raises(ValueError, match="n_heads"):
+        models.TinyCausalLM(9, d_model=8, n_heads=3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        models.TinyCausalLM(0)
+    with pytest.raises(ValueError, match="T <= 4"):
+        model(torch.zeros(1, 5, dtype=torch.long))
