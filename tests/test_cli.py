@@ -160,6 +160,11 @@ def test_spectrum_records_factors_and_respects_the_bound(tmp_path, capsys):
         (["compare", "--lr-grid", "0.1,-1"], "expected a positive number"),
         (["compare", "--kfac-opt", "damping"], "expected KEY=VALUE"),
         (["train", "--width", "0"], "expected a positive number"),
+        (["compare", "--momentum", "nan"], "expected a finite number"),
+        (["compare", "--kfac-momentum", "1.5"], "expected a momentum in [0, 1)"),
+        (["train", "--weight-decay", "-1"], "expected a non-negative number"),
+        (["spectrum", "--decay", "1.5"], "expected a number in (0, 1)"),
+        (["compare", "--targets", "90,inf"], "expected a finite number"),
     ],
 )
 def test_bad_arguments_fail_in_the_parser(args, message, capsys):

@@ -95,9 +95,33 @@ def _nonneg_int(text: str) -> int:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    value = _float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1), got {text!r}")
+    return value
+
+
+def _open_unit(text: str) -> float:
+    value = _float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -692,11 +716,11 @@ def _common(
     parser.add_argument("--max-train", type=_positive_int, help="use a seeded subset of this many training images")
     parser.add_argument("--batch-size", type=_positive_int, help="minibatch size (default: the task's)")
     parser.add_argument("--width", type=_positive_float, help="model width scale (default: the task's)")
-    parser.add_argument("--momentum", type=_float, default=0.9, help="momentum of the SGD baseline (default 0.9)")
-    parser.add_argument("--kfac-momentum", type=_float, default=None,
+    parser.add_argument("--momentum", type=_momentum, default=0.9, help="momentum of the SGD baseline (default 0.9)")
+    parser.add_argument("--kfac-momentum", type=_momentum, default=None,
                         help="momentum of the K-FAC methods and KLD-WRM (default: the task's; 0 as in the "
                              "RS-KFAC and KLD-WRM papers, 0.9 for mnist-autoencoder as in the K-FAC paper)")
-    parser.add_argument("--weight-decay", type=_float, default=0.0, help="weight decay, added after preconditioning")
+    parser.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="weight decay, added after preconditioning")
     parser.add_argument("--kfac-opt", type=_key_value, action="append", metavar="KEY=VALUE",
                         help="extra KFACPreconditioner keyword (repeatable), e.g. damping=0.01 rank=64")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default cpu)")
@@ -764,7 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=1)
     p.add_argument("--optimizer", default="sgd")
     p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--decay", type=_positive_float, default=0.95, help="EA decay rho (default 0.95)")
+    p.add_argument("--decay", type=_open_unit, default=0.95, help="EA decay rho (default 0.95)")
     p.add_argument("--eps", type=_list_of(_positive_float), default=[1e-2, 1e-3], help="relative eigenvalue levels")
     p.add_argument("--seed", type=_nonneg_int, default=0)
     p.set_defaults(func=_spectrum)
