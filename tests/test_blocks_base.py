@@ -94,7 +94,7 @@ class Scale(nn.Module):
 
 
 class ScaleBlock(B.CurvatureBlock):
-    """Diagonal empirical Fisher of ``s`` (the docs/layers.rst example)."""
+    """Diagonal empirical Fisher of ``s`` (the docs/layers.rst example, verbatim in substance)."""
 
     kind = "scale"
 
@@ -112,10 +112,16 @@ class ScaleBlock(B.CurvatureBlock):
         if module.training and torch.is_grad_enabled() and self.ctx.capturing():
             x = inputs[0].detach()
             self._record_call(x.shape[0])
-            output.register_hook(lambda g: self.stat.add(((g * x) ** 2).sum(0)))
+            def on_grad(g):
+                w = self.ctx.output_weight()  # None: not part of the statistics
+                if w is not None:
+                    self.stat.add(((w * g * x) ** 2).sum(0))
+
+            output.register_hook(on_grad)
 
     def _update(self, *, decompose, damping, step):
-        self.stat.update(self.ctx.g_scale(self._terms))
+        if not self.stat.update(self.ctx.g_scale(self._terms)):
+            self._skip(step, "non-finite statistics")
         if decompose:
             self.stat.refresh()
 
