@@ -11,6 +11,7 @@ a cupy array, the already-imported module is taken from :data:`sys.modules`.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from types import ModuleType
 from typing import Any
@@ -39,6 +40,8 @@ def get_namespace(*arrays: Any, names: tuple[str, ...] | None = None) -> ModuleT
     for a, n in zip(arrays, names):
         if not array_api_compat.is_array_api_obj(a):
             raise TypeError(f"`{n}` must be an array-API array (numpy, cupy, torch, ...), got {type(a).__name__}")
+        if getattr(a, "is_meta", False):
+            raise ValueError(f"`{n}` is a torch 'meta' tensor (shape only, no data); pass a tensor with data")
     try:
         xp = array_api_compat.array_namespace(*arrays)
     except TypeError as exc:
@@ -157,6 +160,28 @@ def standard_normal(xp: ModuleType, shape: tuple[int, ...], *, dtype: Any, devic
 
 
 # --------------------------------------------------------------------------- guarded numerics
+
+
+def pow2_exponent(xp: ModuleType, value: float, dtype: Any) -> int:
+    """``k`` such that ``2**k · value`` is near 1 when ``value`` lies outside the safe window
+    ``[2**(emin/4), 2**(emax/4)]`` of ``dtype`` (float64: about 1e-77 to 1e77, float32: 5e-10 to
+    4e9), else 0.  Scaling by a power of two is exact, so a rescaled computation gives the
+    unscaled one's digits wherever the latter neither overflows nor underflows; Gram matrices
+    (squares of the data) stay representable inside the window.  0 for ``value`` 0 or non-finite.
+    """
+    if not value > 0 or value == float("inf"):
+        return 0
+    fi = np.finfo(np.float32 if dtype == xp.float32 else np.float64)
+    _, e = math.frexp(value)
+    if fi.minexp / 4 <= e <= fi.maxexp / 4:
+        return 0
+    return -e
+
+
+def scale_pow2(a: Any, k: int) -> Any:
+    """``a · 2**k`` exactly, in ``a``'s dtype (two factors, so that ``2**k`` itself never overflows it)."""
+    h = k // 2
+    return a * 2.0**h * 2.0 ** (k - h)
 
 
 def _finite(xp: ModuleType, a: Any) -> bool:

@@ -34,6 +34,8 @@ def check_float_array(a: Any, name: str, xp: ModuleType, *, min_ndim: int = 2, f
         )
     if min_ndim and any(s == 0 for s in a.shape[-min_ndim:]):
         raise ValueError(f"`{name}` must not be empty, got shape {tuple(a.shape)}")
+    if min_ndim and any(s == 0 for s in a.shape):
+        raise ValueError(f"`{name}` must not be an empty stack (a batch axis of size 0), got shape {tuple(a.shape)}")
     if finite and not bool(xp.all(xp.isfinite(a))):
         raise ValueError(f"`{name}` must be finite (no NaN or Inf)")
 

@@ -196,6 +196,8 @@ class LowRankPSD:
             X = X[:, None]
         if X.shape[-2] != self.dim:
             raise ValueError(f"`X` must have {self.dim} rows (the matrix dimension d), got shape {tuple(X.shape)}")
+        if not B._finite(xp, X):
+            raise ValueError("`X` must be finite (no NaN or Inf)")
         return X, vector
 
     def _check_invertible(self, xp: ModuleType, c: Any, damping: float) -> None:

@@ -235,14 +235,21 @@ def _brand_update(
     """
     U, w = approx.eigvecs, approx.eigvals
     xp = xp or B.get_namespace(U)
+    if not B._finite(xp, X):
+        raise ValueError("`X` must be finite (no NaN or Inf); the state was not updated")
+    k = _scale_exponent(xp, approx, X)
+    if k:  # exact power-of-two rescaling: (2^k X)(2^k X)ᵀ and 4^k M, scaled back by 4^-k
+        comp = approx.complement if isinstance(approx.complement, str) else B.scale_pow2(float(approx.complement), 2 * k)
+        scaled = LowRankPSD.unchecked(U, B.scale_pow2(w, 2 * k), comp)
+        out = _brand_update(scaled, B.scale_pow2(X, k), decay, rank, xp=xp)
+        back = out.complement if isinstance(out.complement, str) else B.scale_pow2(float(out.complement), -2 * k)
+        return LowRankPSD.unchecked(out.eigvecs, B.scale_pow2(out.eigvals, -2 * k), back)
     dt, dev = U.dtype, B.device(U)
     d, r, n = int(U.shape[-2]), int(U.shape[-1]), int(X.shape[-1])
     batch = tuple(U.shape[:-2])
     eps = B.eps(xp, dt)
     rho = float(decay)
     comp = approx.complement
-    if not B._finite(xp, X):
-        raise ValueError("`X` must be finite (no NaN or Inf); the state was not updated")
 
     # 0. orthonormality of U: cheap probe, re-orthonormalise implicitly if it drifted.
     T = L = None  # U~ = U T is orthonormal and U = U~ L  (None: T = L = I)
@@ -319,6 +326,17 @@ def _brand_update(
     Unew = UZ @ W
     newc: float | str = comp if isinstance(comp, str) else rho * cval
     return LowRankPSD.unchecked(Unew, s, newc)
+
+
+def _scale_exponent(xp: ModuleType, approx: LowRankPSD, X: Any) -> int:
+    """Power-of-two exponent for ``X`` that brings ``max(max|X|, sqrt(max w), sqrt(c))`` into the
+    safe range (0 inside it): ``ZᵀZ`` and the core are squares of ``X``'s scale.  Cost ``O(d n)``."""
+    m = _maxabs(xp, X)
+    if approx.rank:
+        m = max(m, math.sqrt(max(_maxabs(xp, approx.eigvals), 0.0)))
+    if not isinstance(approx.complement, str):
+        m = max(m, math.sqrt(float(approx.complement)))
+    return B.pow2_exponent(xp, m, X.dtype)
 
 
 def _maxabs(xp: ModuleType, a: Any) -> float:

@@ -423,7 +423,17 @@ def _randomized_eigh(
     method: str,
     gen: np.random.Generator,
 ) -> LowRankPSD:
-    """Unvalidated body of :func:`randomized_eigh` (internal callers: validated arguments only)."""
+    """Unvalidated body of :func:`randomized_eigh` (internal callers: validated arguments only).
+
+    Inputs outside the dtype's safe range (:func:`onlinela._backend.pow2_exponent`, judged by
+    ``max|diag A|``, which bounds ``max|A|`` for PSD input) are scaled by an exact power of two
+    first and the eigenvalues scaled back, so every method handles entries up to the dtype's
+    maximum (the Gram matrices of the sketches would overflow otherwise).
+    """
+    k = _scale_exponent(xp, A)
+    if k:
+        M = _randomized_eigh(xp, B.scale_pow2(A, k), rank, oversample, n_iter, method, gen)
+        return LowRankPSD.unchecked(M.eigvecs, B.scale_pow2(M.eigvals, -k))
     d = int(A.shape[-1])
     if method == "auto":
         return _eigh_auto(xp, A, rank, None if oversample is None else min(d, rank + oversample), gen)
@@ -435,6 +445,14 @@ def _randomized_eigh(
     if method == "krylov":
         return _eigh_krylov(xp, A, rank, k, n_iter, gen)
     return _eigh_svd(xp, A, rank, oversample, n_iter, gen)
+
+
+def _scale_exponent(xp: ModuleType, A: Any) -> int:
+    """The power-of-two rescaling exponent of a symmetric ``A`` (0 inside the safe range)."""
+    m = float(xp.max(xp.abs(B.diagonal(xp, A))))
+    if m == 0:  # indefinite or zero: the diagonal says nothing, use the entries (O(d^2), rare)
+        m = float(xp.max(xp.abs(A)))
+    return B.pow2_exponent(xp, m, A.dtype)
 
 
 # --------------------------------------------------------------------------- error estimation
@@ -500,7 +518,11 @@ def _adaptive_randomized_eigh(
     gen: np.random.Generator,
     est_iter: int = 10,
 ) -> LowRankPSD:
-    """Unvalidated body of :func:`adaptive_randomized_eigh`."""
+    """Unvalidated body of :func:`adaptive_randomized_eigh` (rescaled as :func:`_randomized_eigh`)."""
+    k = _scale_exponent(xp, A)
+    if k:
+        M = _adaptive_randomized_eigh(xp, B.scale_pow2(A, k), tol, max_rank, block_size, n_iter, gen, est_iter)
+        return LowRankPSD.unchecked(M.eigvecs, B.scale_pow2(M.eigvals, -k))
     d = int(A.shape[-1])
     batch = tuple(A.shape[:-2])
     basis: list[Any] = []
