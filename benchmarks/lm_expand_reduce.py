@@ -4,7 +4,8 @@ The model is :class:`onlinela_torch.models.TinyCausalLM` (d_model 64, 2 pre-LN
 layers, 4 heads, context 64) on the ``pydoc_data`` character corpus, batch
 32.  Every parameter gets a curvature block (``build_blocks``); only the
 ``mode`` of the ``nn.Linear`` blocks (feed-forward layers and the output
-layer) differs between the two arms.  The loop is the K-FAC recipe of
+layer; with ``--attention`` also the attention projections) differs between
+the two arms.  The loop is the K-FAC recipe of
 ``KFACPreconditioner`` written on the block interface (dense factors,
 product damping ``λ = 1e-3``, ``ρ = 0.95``, statistics every ``T_updt = 10``,
 decompositions every ``T_inv = 50`` steps, KL clip ``κ = 1e-3``), then SGD
@@ -17,8 +18,9 @@ Usage::
 
     .venv/bin/python benchmarks/lm_expand_reduce.py                # 300 steps, lr grid 0.01 0.03 0.1, seeds 0 1
     .venv/bin/python benchmarks/lm_expand_reduce.py --quick        # 60 steps, one lr, one seed
+    .venv/bin/python benchmarks/lm_expand_reduce.py --attention    # attention projections switched too
 
-Writes ``benchmarks/results/lm_expand_reduce[_quick].json`` and ``.png``.
+Writes ``benchmarks/results/lm_expand_reduce[_attention][_quick].json`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 T_UPDT, T_INV, DAMPING, KL_CLIP = 10, 50, 1e-3, 1e-3
 
 
-def run(mode: str, lr: float, seed: int, steps: int, corpus, val) -> dict:
+def run(mode: str, lr: float, seed: int, steps: int, corpus, val, attention: bool = False) -> dict:
     torch.manual_seed(seed)
     model = TinyCausalLM(corpus.vocab_size)
     step = {"k": 0}
@@ -49,7 +51,7 @@ def run(mode: str, lr: float, seed: int, steps: int, corpus, val) -> dict:
     ctx.watch(model)
     bs = B.build_blocks(model, ctx)
     for blk in bs.blocks.values():
-        if isinstance(blk, B.LinearBlock):
+        if isinstance(blk, B.LinearBlock) or (attention and isinstance(blk, B.MultiheadAttentionBlock)):
             blk.mode = mode
     bs.attach()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -86,6 +88,7 @@ def main() -> None:
     ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--attention", action="store_true", help="switch the attention projections' mode too")
     args = ap.parse_args()
     if args.quick:
         args.steps, args.lrs, args.seeds = 60, [0.1], [0]
@@ -93,7 +96,10 @@ def main() -> None:
     torch.set_num_threads(1)
     corpus = load_pydoc_text()
     val = corpus.windows("val", 64, max_windows=64)
-    runs = [run(m, lr, s, args.steps, corpus, val) for s in args.seeds for lr in args.lrs for m in ("expand", "reduce")]
+    runs = [
+        run(m, lr, s, args.steps, corpus, val, args.attention)
+        for s in args.seeds for lr in args.lrs for m in ("expand", "reduce")
+    ]
     summary = {}
     for mode in ("expand", "reduce"):
         mine = [r for r in runs if r["mode"] == mode]
@@ -107,14 +113,14 @@ def main() -> None:
         }
     summary["reduce_over_expand_seconds"] = summary["reduce"]["seconds_mean"] / summary["expand"]["seconds_mean"]
     out = {
-        "config": {"steps": args.steps, "lrs": args.lrs, "seeds": args.seeds, "batch": 32, "context": 64,
+        "config": {"steps": args.steps, "attention_mode_switched": args.attention, "lrs": args.lrs, "seeds": args.seeds, "batch": 32, "context": 64,
                    "T_updt": T_UPDT, "T_inv": T_INV, "damping": DAMPING, "kl_clip": KL_CLIP,
                    "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "threads": 1},
         "summary": summary,
         "runs": runs,
     }
     RESULTS.mkdir(exist_ok=True)
-    stem = "lm_expand_reduce_quick" if args.quick else "lm_expand_reduce"
+    stem = "lm_expand_reduce" + ("_attention" if args.attention else "") + ("_quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1))
     try:
         import matplotlib

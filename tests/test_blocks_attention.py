@@ -163,13 +163,14 @@ def _functional_attention(x, W, b, Wo, bo, H, mask):
     return out, projs, heads
 
 
-def test_factors_match_an_independent_attention_on_one_sequence():
+@pytest.mark.parametrize("mode", ["expand", "reduce"])
+def test_factors_match_an_independent_attention_on_one_sequence(mode):
     torch.manual_seed(4)
     E, H, L = 6, 2, 5
     m = nn.MultiheadAttention(E, H, batch_first=True).to(DT)
     ctx = make_ctx()
     ctx.watch(m)
-    blk = B.block_for("a", m, ctx)
+    blk = B.MultiheadAttentionBlock("a", m, ctx, mode=mode)
     blk.attach()
     x = torch.randn(1, L, E, dtype=DT)
     mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=DT)
@@ -186,8 +187,13 @@ def test_factors_match_an_independent_attention_on_one_sequence():
     for p in ("q", "k", "v", "out"):
         a = torch.cat([inputs[p], ones], 1)
         f = blk.factors[p]
-        torch.testing.assert_close(f.A.state.dense(), a.T @ a / L, **TOL)
-        torch.testing.assert_close(f.G.state.dense(), L * deltas[p].T @ deltas[p], **TOL)
+        if mode == "expand":
+            torch.testing.assert_close(f.A.state.dense(), a.T @ a / L, **TOL)
+            torch.testing.assert_close(f.G.state.dense(), L * deltas[p].T @ deltas[p], **TOL)
+        else:  # one sample: the mean input row and the summed output gradient
+            abar, dsum = a.mean(0), deltas[p].sum(0)
+            torch.testing.assert_close(f.A.state.dense(), torch.outer(abar, abar), **TOL)
+            torch.testing.assert_close(f.G.state.dense(), L * torch.outer(dsum, dsum), **TOL)
         # the captured rows rebuild this projection's gradient slice: Σ_t δ_t āᵀ
         rows = slice(None) if p == "out" else slice("qkv".index(p) * E, ("qkv".index(p) + 1) * E)
         gw = m.out_proj.weight.grad if p == "out" else m.in_proj_weight.grad[rows]

@@ -22,9 +22,11 @@ fast path (``torch._transformer_encoder_layer_fwd``, which bypasses
 statistics are captured.
 
 Curvature: each projection ``P ∈ {q, k, v, out}`` is its own Kronecker
-block ``A_P ⊗ G_P`` (K-FAC-expand over positions): ``A_P`` from the rows of
-its input (query / key / value / the heads' concatenated output), ``G_P``
-from its output gradients.  The loss terms ``M`` are the query positions
+block ``A_P ⊗ G_P``: ``A_P`` from the rows of its input (query / key / value /
+the heads' concatenated output), ``G_P`` from its output gradients, every
+position a row (``mode="expand"``, default) or, per sample, the mean input
+row and the summed output-gradient row (``mode="reduce"``, as
+:class:`~onlinela_torch.blocks.LinearBlock`).  The loss terms ``M`` are the query positions
 (``N L`` for ``loss_terms="positions"``, ``N`` for ``"samples"``) for all four.
 The packed ``in_proj_weight`` gradient ``(3E, E)`` is preconditioned slice by
 slice; the cross-projection correlations are not modelled.
@@ -33,7 +35,7 @@ slice; the cross-projection correlations are not modelled.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +89,13 @@ class MultiheadAttentionBlock(CurvatureBlock):
 
     kind = "attention"
 
-    def __init__(self, name: str, module: nn.MultiheadAttention, ctx: BlockContext) -> None:
+    def __init__(
+        self, name: str, module: nn.MultiheadAttention, ctx: BlockContext, mode: Literal["expand", "reduce"] = "expand"
+    ) -> None:
+        if mode not in ("expand", "reduce"):
+            raise ValueError(f"`mode` must be 'expand' or 'reduce', got {mode!r}")
         super().__init__(name, module, ctx)
+        self.mode = mode
         m = module
         E = m.embed_dim
         b_in = int(m.in_proj_bias is not None)
@@ -148,22 +155,27 @@ class MultiheadAttentionBlock(CurvatureBlock):
         self.module.forward = self._forward
         return [_Restore(self.module, previous)]
 
-    def _linear(self, proj: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    def _linear(self, proj: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int) -> torch.Tensor:
+        """``F.linear`` with capture; ``x`` is ``(positions, n, d)`` or ``(positions·n, d)`` position-major."""
         out = F.linear(x, w, b)
         if out.requires_grad:
             rows = x.detach().reshape(-1, x.shape[-1])
+            if self.mode == "reduce":  # per sample: the mean input row
+                rows = rows.reshape(-1, n, rows.shape[-1]).mean(0)
             if b is not None:
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
             self.factors[proj].A.add(rows)
-            out.register_hook(lambda g, proj=proj: self._grad_hook(proj, g))
+            out.register_hook(lambda g, proj=proj: self._grad_hook(proj, g, n))
         return out
 
-    def _grad_hook(self, proj: str, grad: torch.Tensor) -> None:
+    def _grad_hook(self, proj: str, grad: torch.Tensor, n: int) -> None:
         w = self.ctx.output_weight()
         if w is None or not self.ctx.capturing():
             return
         t0 = self.ctx.timer()
         rows = grad.detach().reshape(-1, grad.shape[-1])
+        if self.mode == "reduce":  # per sample: the summed output gradient
+            rows = rows.reshape(-1, n, rows.shape[-1]).sum(0)
         self.factors[proj].G.add(rows * w if w != 1.0 else rows)
         self.seconds["statistics"] += self.ctx.timer() - t0
 
@@ -202,9 +214,9 @@ class MultiheadAttentionBlock(CurvatureBlock):
         terms = (L * N if self.ctx.loss_terms == "positions" else N) if is_batched else (L if self.ctx.loss_terms == "positions" else 1)
         self._record_call(terms)
         W = self._weights()
-        q = self._linear("q", query, *W["q"])
-        k = self._linear("k", key, *W["k"])
-        v = self._linear("v", value, *W["v"])
+        q = self._linear("q", query, *W["q"], N)
+        k = self._linear("k", key, *W["k"], N)
+        v = self._linear("v", value, *W["v"], N)
         self.seconds["statistics"] += self.ctx.timer() - t0
         if am is not None:
             if am.dim() == 2:
@@ -248,7 +260,7 @@ class MultiheadAttentionBlock(CurvatureBlock):
             o = F.scaled_dot_product_attention(q.view(N, H, L, hd), k.view(N, H, S, hd), v.view(N, H, S, hd), am, p_drop, causal)
             out = o.permute(2, 0, 1, 3).contiguous().view(N * L, E)
         t1 = self.ctx.timer()
-        out = self._linear("out", out, *W["out"]).view(L, N, E)
+        out = self._linear("out", out, *W["out"], N).view(L, N, E)
         self.seconds["statistics"] += self.ctx.timer() - t1
         if not is_batched:
             out = out.squeeze(1)
@@ -313,7 +325,7 @@ class MultiheadAttentionBlock(CurvatureBlock):
         return {f"{p}/{w}": getattr(f, w).dim for p, f in self.factors.items() for w in ("A", "G")}
 
     def _extra_stats(self) -> dict[str, Any]:
-        return {"factors": {p: f.stats() for p, f in self.factors.items()}}
+        return {"mode": self.mode, "factors": {p: f.stats() for p, f in self.factors.items()}}
 
 
 def _mha_factory(name: str, module: nn.MultiheadAttention, ctx: BlockContext) -> MultiheadAttentionBlock | str:
