@@ -42,8 +42,9 @@ import torch
 
 from onlinela import LowRankPSD
 from onlinela import _backend as B
-from onlinela.online import _brand_update, _rayleigh_ritz_refresh, empty_lowrank
-from onlinela.randomized import _randomized_eigh
+from onlinela import brand_update, empty_lowrank, randomized_eigh, rayleigh_ritz_refresh
+
+from .logs import WarningCounter
 
 __all__ = [
     "AdaptiveRank",
@@ -283,6 +284,9 @@ class FactorState(abc.ABC):
         Source of the randomized sketches (its state is part of :meth:`state_dict`).
     name : str
         For log messages, e.g. ``"features.0/A"``.
+    warn : WarningCounter, optional
+        Shared rate-limited log of skipped updates (the preconditioner's, so
+        its ``stats()`` counts them); a private one by default.
     """
 
     kind: ClassVar[str]
@@ -302,8 +306,10 @@ class FactorState(abc.ABC):
         device: torch.device,
         rng: np.random.Generator,
         name: str = "",
+        warn: WarningCounter | None = None,
     ) -> None:
         self.dim = dim
+        self._warn = warn if warn is not None else WarningCounter(logger)
         self.decay = decay
         self.rank_policy = rank
         self.dtype = dtype
@@ -440,7 +446,7 @@ class FactorState(abc.ABC):
         deb = self._debias(count)
         # row-major storage on every rank: an owner's LAPACK output (column-major) and a broadcast copy
         # (contiguous) would otherwise enter the preconditioning products with different roundings
-        approx = LowRankPSD._trusted(U.to(self.inv_dtype).contiguous(), (w * deb).to(self.inv_dtype).contiguous())
+        approx = LowRankPSD.unchecked(U.to(self.inv_dtype).contiguous(), (w * deb).to(self.inv_dtype).contiguous())
         self.eigen = FactorEigen(approx, wmax * deb, wmin * deb)
         self.errors.append(0.0 if exact or wmax == 0 else wmin / wmax)
         del self.errors[:-32]
@@ -452,7 +458,7 @@ class FactorState(abc.ABC):
 
     def _skip(self, what: str, step: int, why: str) -> None:
         self.skipped[what] += 1
-        logger.warning("step %d: skipped the %s update of factor %s (%s)", step, what, self.name, why)
+        self._warn.warn(f"skipped_{what}", "step %d: skipped the %s update of factor %s (%s)", step, what, self.name, why)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -487,7 +493,7 @@ class FactorState(abc.ABC):
         if e is not None:
             U = e["eigvecs"].to(self.device, self.inv_dtype, copy=True)
             w = e["eigvals"].to(self.device, self.inv_dtype, copy=True)
-            self.eigen = FactorEigen(LowRankPSD._trusted(U, w), float(e["max_eig"]), float(e["min_eig"]))
+            self.eigen = FactorEigen(LowRankPSD.unchecked(U, w), float(e["max_eig"]), float(e["min_eig"]))
 
 
 class DenseFactor(FactorState):
@@ -553,7 +559,7 @@ class BrandFactor(FactorState):
     def _brand(self, X: torch.Tensor, *, correct: bool, damping: float, step: int) -> None:
         r = min(self._choose_rank(step, damping), max(self.dim - X.shape[1], 1))
         prev = self.brand if self.brand is not None else empty_lowrank(self.dim, like=X)
-        out = self._guarded(lambda: (_brand_update(prev, X, self.decay, r),), step)
+        out = self._guarded(lambda: (brand_update(prev, X, decay=self.decay, rank=r, check_inputs=False),), step)
         if out is None:
             return
         self.brand = _row_major_lowrank(out[0])
@@ -581,7 +587,7 @@ class BrandFactor(FactorState):
         if sd["brand"] is not None:
             U = sd["brand"]["eigvecs"].to(self.device, self.dtype, copy=True)
             w = sd["brand"]["eigvals"].to(self.device, self.dtype, copy=True)
-            self.brand = LowRankPSD._trusted(U, w)
+            self.brand = LowRankPSD.unchecked(U, w)
 
 
 class BrandDenseFactor(BrandFactor):
@@ -633,7 +639,9 @@ class BrandDenseFactor(BrandFactor):
         if self.ea is None or self.brand is None or self.brand.rank == 0:
             return
         out = self._guarded(
-            lambda: (_rayleigh_ritz_refresh(self.brand, self._raw_ea_for_brand(), self.fraction, self.rng),), step
+            lambda: (rayleigh_ritz_refresh(
+                self.brand, self._raw_ea_for_brand(), fraction=self.fraction, rng=self.rng, check_inputs=False
+            ),), step
         )
         if out is not None:
             self.brand = _row_major_lowrank(out[0])
@@ -646,7 +654,7 @@ class BrandDenseFactor(BrandFactor):
         def run() -> tuple[LowRankPSD]:
             if r + self.oversample >= self.dim:
                 U, w, _ = _exact(self.ea)
-                return (LowRankPSD._trusted(U[:, :r], w[:r]),)
+                return (LowRankPSD.unchecked(U[:, :r], w[:r]),)
             return (_randomized(self.ea, r, self.oversample, self.n_iter, self.method, self.rng),)
 
         out = self._guarded(run, step)
@@ -659,7 +667,7 @@ class BrandDenseFactor(BrandFactor):
 
 def _row_major_lowrank(lr: LowRankPSD) -> LowRankPSD:
     """``lr`` with row-major eigenvectors and eigenvalues: the layout every rank stores (see :meth:`FactorState._snapshot`)."""
-    return LowRankPSD._trusted(lr.eigvecs.contiguous(), lr.eigvals.contiguous(), lr.complement)
+    return LowRankPSD.unchecked(lr.eigvecs.contiguous(), lr.eigvals.contiguous(), lr.complement)
 
 
 def _exact(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -672,4 +680,4 @@ def _randomized(
     M: torch.Tensor, rank: int, oversample: int, n_iter: int, method: str, rng: np.random.Generator
 ) -> LowRankPSD:
     """Randomized PSD eigendecomposition of rank ``rank`` (validated by the caller)."""
-    return _randomized_eigh(B.get_namespace(M), M, rank, oversample, n_iter, method, rng)
+    return randomized_eigh(M, rank, oversample=oversample, n_iter=n_iter, method=method, rng=rng, check_inputs=False)

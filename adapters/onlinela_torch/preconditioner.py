@@ -47,6 +47,7 @@ from .factors import (
     RankPolicy,
     as_rank_policy,
 )
+from .logs import WarningCounter
 from .modules import LayerHelper, LinearHelper, g_scale, helper_for
 
 __all__ = ["METHODS", "BrandConfig", "KFACLayer", "KFACPreconditioner", "apply_inverse", "damped_solve"]
@@ -138,7 +139,10 @@ class KFACLayer:
         ``"low_rank_grad"`` (steps preconditioned through the thin factors),
         ``"low_rank_grad_fallback"`` (captured but the gradient did not match),
         ``"degenerate"`` (steps left unpreconditioned: a factor is all zero),
-        ``"missing_fisher"`` (statistics steps without sampled-label gradients).
+        ``"missing_fisher"`` (statistics steps without sampled-label gradients),
+        ``"unused_forward"`` (forward passes captured on a statistics step
+        whose output gradient never arrived before :meth:`KFACPreconditioner.step`,
+        e.g. an extra forward for logging: dropped, not counted in the factors).
     """
 
     def __init__(self, index: int, name: str, module: nn.Module, helper: LayerHelper, low_rank_grad: bool) -> None:
@@ -150,12 +154,16 @@ class KFACLayer:
         self.A: FactorState | None = None
         self.G: FactorState | None = None
         self.seconds = {"statistics": 0.0, "decomposition": 0.0, "preconditioning": 0.0}
-        self.counters = {"low_rank_grad": 0, "low_rank_grad_fallback": 0, "degenerate": 0, "missing_fisher": 0}
+        self.counters = {"low_rank_grad": 0, "low_rank_grad_fallback": 0, "degenerate": 0, "missing_fisher": 0, "unused_forward": 0}
         # per-step capture buffers
         self.a_rows_seen = 0
         self.samples_seen = 0
         self.thin_a: list[torch.Tensor] = []
         self.thin_g: dict[int, torch.Tensor] = {}
+        # A rows of forwards whose backward has not run yet (committed by the first output-gradient hook)
+        self.pending_a: dict[int, tuple[torch.Tensor, int]] = {}
+        self.calls = 0
+        self.written: tuple[int, int] | None = None  # (id, _version) of the weight gradient step() wrote
 
     def factors(self) -> Iterator[tuple[str, FactorState]]:
         """The existing factors as ``("A", state), ("G", state)``."""
@@ -169,6 +177,8 @@ class KFACLayer:
         self.samples_seen = 0
         self.thin_a = []
         self.thin_g = {}
+        self.pending_a = {}
+        self.calls = 0
         for _, f in self.factors():
             f.discard_pending()
 
@@ -301,6 +311,10 @@ class KFACPreconditioner:
         grad_scaler: Any = None,
         seed: int = 0,
         timer: Callable[[], float] = time.perf_counter,
+        optimizer: torch.optim.Optimizer | None = None,
+        warmup: bool = True,
+        damping_scale: Literal["max", "mean"] = "max",
+        graft: Literal["sgd"] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -351,6 +365,18 @@ class KFACPreconditioner:
         if not callable(timer):
             raise TypeError(f"`timer` must be a callable returning seconds, got {type(timer).__name__}")
         self._timer = timer
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"`optimizer` must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        if not isinstance(warmup, bool):
+            raise TypeError(f"`warmup` must be a bool, got {type(warmup).__name__}")
+        self.warmup = warmup
+        if damping_scale not in ("max", "mean"):
+            raise ValueError(f"`damping_scale` must be 'max' or 'mean', got {damping_scale!r}")
+        self.damping_scale = damping_scale
+        if graft not in (None, "sgd"):
+            raise ValueError(f"`graft` must be None or 'sgd', got {graft!r}")
+        self.graft = graft
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
         selected = _select_layers(model, layers, skip_layers)
@@ -359,6 +385,7 @@ class KFACPreconditioner:
         }
         self._by_module = {layer.module: layer for layer in self.layers.values()}
         self._handles = [layer.module.register_forward_hook(self._forward_hook) for layer in self.layers.values()]
+        self._warn = WarningCounter(logger)
         self.steps = 0
         self._brand_updates = 0
         self._skipped_steps = 0
@@ -384,16 +411,38 @@ class KFACPreconditioner:
         """The relative damping ``λ`` at ``step``."""
         return self._damping(step)
 
+    def effective_lr(self, step: int) -> float:
+        r"""The step length the KL clip bounds: ``lr / (1 - β)`` under heavy-ball momentum ``β``.
+
+        With ``optimizer=`` the learning rate and momentum are read from its
+        ``param_groups[0]`` (so LR schedulers act on both); otherwise ``lr``
+        (the constructor's schedule) and no momentum.  SGD with momentum ``β``
+        and dampening ``τ`` applies ``(1-τ)/(1-β)`` times a constant direction
+        in steady state, so the clip bounds that amplified step.
+        """
+        if self.optimizer is None:
+            return self._lr(step)
+        group = self.optimizer.param_groups[0]
+        lr = float(group["lr"])
+        beta = float(group.get("momentum", 0.0) or 0.0)
+        if beta:
+            lr *= (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - beta)
+        return lr
+
     def _plan(self, k: int) -> _Plan:
         if self._plan_cache is not None and self._plan_cache[0] == k:
             return self._plan_cache[1]
         brand_method = self.method in _BRAND
-        ea = k % self._t_updt(k) == 0
-        brand = brand_method and k % self._t_brand(k) == 0
+        t_inv = self._t_inv(k)
+        # warm-up (first T_inv steps): statistics every step, decompositions after 1, 2, 4, 8, ... batches,
+        # so no decomposition of a barely filled factor is kept for a whole T_inv period
+        warm = self.warmup and k < t_inv
+        ea = k % self._t_updt(k) == 0 or warm
+        brand = brand_method and (k % self._t_brand(k) == 0 or warm)
         plan = _Plan(
             ea=ea,
             brand=brand,
-            decompose=k % self._t_inv(k) == 0,
+            decompose=k % t_inv == 0 or (warm and (k + 1) & k == 0),
             overwrite=self.method in ("br-kfac", "b-kfac-c") and k % (self._overwrite(k) * self._t_inv(k)) == 0,
             correct=self.method == "b-kfac-c" and brand and (self._brand_updates + 1) % self._correction(k) == 0,
         )
@@ -423,6 +472,7 @@ class KFACPreconditioner:
             device=layer.module.weight.device,
             rng=rng,
             name=f"{layer.name or '<model>'}/{which}",
+            warn=self._warn,
         )
         if kind is None:
             kind = self._kind_for(dim, s)
@@ -463,20 +513,26 @@ class KFACPreconditioner:
         t0 = self._timer()
         x = inputs[0].detach()
         rows = layer.helper.a_rows(x)
+        call = layer.calls
+        layer.calls += 1
         if plan.capture:
-            self._factor_for(layer, "A", rows.shape[0]).accumulate(rows, ea=plan.ea, brand=plan.brand)
-            layer.a_rows_seen += rows.shape[0]
-            layer.samples_seen += layer.helper.batch_size(x)
+            layer.pending_a[call] = (rows, layer.helper.batch_size(x))
         idx = None
         if layer.low_rank_grad:
             layer.thin_a.append(rows)
             idx = len(layer.thin_a) - 1
-        output.register_hook(functools.partial(self._grad_hook, layer, idx))
+        output.register_hook(functools.partial(self._grad_hook, layer, idx, call))
         self._add_seconds(layer, "statistics", self._timer() - t0)
 
-    def _grad_hook(self, layer: KFACLayer, idx: int | None, grad: torch.Tensor) -> None:
+    def _grad_hook(self, layer: KFACLayer, idx: int | None, call: int, grad: torch.Tensor) -> None:
         t0 = self._timer()
         plan = self._plan(self.steps)
+        pending = layer.pending_a.pop(call, None)
+        if pending is not None:  # statistics come from the forwards whose backward precedes step()
+            rows_a, n = pending
+            self._factor_for(layer, "A", rows_a.shape[0]).accumulate(rows_a, ea=plan.ea, brand=plan.brand)
+            layer.a_rows_seen += rows_a.shape[0]
+            layer.samples_seen += n
         rows = layer.helper.g_rows(grad.detach())
         scale = self._grad_scale()
         if scale != 1.0:
@@ -600,10 +656,47 @@ class KFACPreconditioner:
         bool
             False when the step was skipped because a gradient was not finite
             (every ``p.grad`` of the model is then set to ``None``, so that any
-            torch optimizer leaves the parameters alone); True otherwise.
+            torch optimizer leaves the parameters alone) or because no layer
+            has a gradient (no ``backward()`` since the last step); True otherwise.
+
+        Notes
+        -----
+        The rules that keep a step from silently doing nothing, each warned
+        (once, then every 100th time) and counted in ``stats()["warnings"]``:
+
+        * statistics come from the forward passes whose backward ran before
+          this call; a captured forward without a backward (an extra forward
+          for logging) is dropped (``unused_forward``);
+        * a statistics step on which no layer captured anything (e.g. the model
+          in ``eval()`` mode, or under ``torch.no_grad()``) is counted
+          (``no_statistics``); the gradients are still preconditioned;
+        * no gradient on any layer (``step()`` without ``backward()``) returns
+          False and changes nothing (``no_gradient``);
+        * a second call on gradients this preconditioner already rewrote
+          (``step()`` twice) leaves them as they are (``repeated_step``) and
+          returns True: the optimizer applies the preconditioned gradient once more,
+          not a doubly preconditioned one.
         """
         k = self.steps
-        plan = self._plan(k)
+        if self._already_written():
+            self._warn.warn("repeated_step", "step %d: step() called again on gradients it already preconditioned; "
+                            "left unchanged (call loss.backward() before each step())", k)
+            return True
+        plan = self._plan(k)  # evaluates (and validates) the schedules at k
+        if not any(layer.module.weight.grad is not None for layer in self.layers.values()):
+            self._warn.warn("no_gradient", "step %d: no preconditioned layer has a gradient (no backward() since the "
+                            "last step?); nothing done", k)
+            for layer in self.layers.values():
+                layer.reset_capture()
+            return False
+        if plan.capture and not any(layer.a_rows_seen or layer.pending_a for layer in self.layers.values()):
+            self._warn.warn("no_statistics", "step %d: a statistics step, but no layer captured a forward/backward "
+                            "(model in eval() mode, or forward under no_grad?); factors not updated", k)
+        for layer in self.layers.values():
+            if layer.pending_a:
+                layer.counters["unused_forward"] += len(layer.pending_a)
+                self._warn.warn("unused_forward", "step %d: %d forward pass(es) of %s had no backward before step(); "
+                                "their statistics are dropped", k, len(layer.pending_a), layer.name)
         lam = self.damping_at(k)
         device_type = next(iter(self.layers.values())).module.weight.device.type
         try:
@@ -624,8 +717,8 @@ class KFACPreconditioner:
             gs = g_scale(layer.samples_seen, self.loss_reduction)
             if self.fisher != "empirical" and (layer.G is None or not layer.G.has_pending):
                 layer.counters["missing_fisher"] += 1
-                logger.warning(
-                    "step %d: fisher=%r but no fisher_backward() before this step; G of %s not updated",
+                self._warn.warn(
+                    "missing_fisher", "step %d: fisher=%r but no fisher_backward() before this step; G of %s not updated",
                     k, self.fisher, layer.name,
                 )
             t0 = self._timer()
@@ -663,7 +756,8 @@ class KFACPreconditioner:
         if not all(finite):
             self._skipped_steps += 1
             bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            logger.warning("step %d: non-finite gradient in %s; step skipped (grads set to None)", k, ", ".join(bad))
+            self._warn.warn("nonfinite_gradient", "step %d: non-finite gradient in %s; step skipped (grads set to None)",
+                            k, ", ".join(bad))
             for p in self.model.parameters():
                 p.grad = None
             self._seconds["preconditioning"] += self._timer() - t0
@@ -686,15 +780,31 @@ class KFACPreconditioner:
                 v = v * torch.clamp(self.rms_clip / rms, max=1.0).to(v.dtype)
             vs.append(v)
             layer.seconds["preconditioning"] += self._timer() - t1
+        if self.graft == "sgd":
+            vs = [_graft(v, g) for v, (_, g) in zip(vs, entries)]
         if self.kl_clip is not None and entries:
-            lr = self._lr(k)
+            lr = self.effective_lr(k)
             vg = sum(torch.dot(v.reshape(-1).float(), g.reshape(-1).float()) for v, (_, g) in zip(vs, entries)) * lr**2
             nu = torch.clamp(torch.sqrt(self.kl_clip / vg.abs()), max=1.0)
             vs = [v * nu.to(v.dtype) for v in vs]
         for (layer, _), v in zip(entries, vs):
             layer.helper.set_grad_matrix(v)
+            w = layer.module.weight.grad
+            layer.written = (id(w), w._version)
         self._seconds["preconditioning"] += self._timer() - t0
         return True
+
+    def _already_written(self) -> bool:
+        """Whether every layer's weight gradient is still the tensor, unmodified, that the last step wrote."""
+        seen = False
+        for layer in self.layers.values():
+            w = layer.module.weight.grad
+            if w is None:
+                continue
+            if layer.written != (id(w), w._version):
+                return False
+            seen = True
+        return seen
 
     def _add_seconds(self, layer: KFACLayer, phase: str, dt: float) -> None:
         layer.seconds[phase] += dt
@@ -708,7 +818,7 @@ class KFACPreconditioner:
             return g
         if thin:
             return self._apply_thin(layer, eG, eA, lam).to(g.dtype)
-        return apply_inverse(eG, eA, g, lam, self.damping_convention, self.complement)
+        return apply_inverse(eG, eA, g, lam, self.damping_convention, self.complement, self.damping_scale)
 
     def _thin_candidate(self, layer: KFACLayer) -> bool:
         """Captured rows pair up and the thin path is cheaper than the dense one."""
@@ -735,8 +845,8 @@ class KFACPreconditioner:
         Ab = torch.cat(layer.thin_a, 0).to(self.inv_dtype)
         Go = torch.cat([layer.thin_g[i] for i in range(len(layer.thin_a))], 0).to(self.inv_dtype)
         mu = math.sqrt(lam)
-        L = damped_solve(eG, Go.T, mu * eG.max_eig, self.complement)
-        R = damped_solve(eA, Ab.T, mu * eA.max_eig, self.complement)
+        L = damped_solve(eG, Go.T, mu * factor_scale(eG, self.damping_scale, self.complement), self.complement)
+        R = damped_solve(eA, Ab.T, mu * factor_scale(eA, self.damping_scale, self.complement), self.complement)
         return L @ R.T
 
     def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: float | None = None) -> dict[str, torch.Tensor]:
@@ -860,6 +970,7 @@ class KFACPreconditioner:
             "method": self.method,
             "step": self.steps,
             "skipped_steps": self._skipped_steps,
+            "warnings": self._warn.as_dict(),
             "seconds": dict(self._seconds),
             "layers": layers,
         }
@@ -873,6 +984,7 @@ def apply_inverse(
     damping: float,
     convention: Literal["product", "factor"],
     complement: Literal["zero", "min"] = "zero",
+    scale: Literal["max", "mean"] = "max",
 ) -> torch.Tensor:
     r"""Damped Kronecker inverse applied to a gradient matrix ``X`` of shape ``(d_G, d_A)``.
 
@@ -894,9 +1006,9 @@ def apply_inverse(
     Xi = X.to(G.approx.dtype)
     if convention == "factor":
         rel = math.sqrt(damping)
-        V = damped_solve(G, Xi, rel * G.max_eig, complement)
-        return damped_solve(A, V, rel * A.max_eig, complement, side="right").to(X.dtype)
-    lam = damping * G.max_eig * A.max_eig
+        V = damped_solve(G, Xi, rel * factor_scale(G, scale, complement), complement)
+        return damped_solve(A, V, rel * factor_scale(A, scale, complement), complement, side="right").to(X.dtype)
+    lam = damping * factor_scale(G, scale, complement) * factor_scale(A, scale, complement)
     UG, dG, UA, dA = G.approx.eigvecs, G.approx.eigvals, A.approx.eigvecs, A.approx.eigvals
     P = UG.T @ Xi  # (r_G, d_A)
     Cm = P @ UA  # (r_G, r_A)
@@ -954,6 +1066,36 @@ def damped_solve(
     if side == "left":
         return torch.addmm(X, U, coef[:, None] * (U.T @ X), beta=cp)
     return torch.addmm(X, (X @ U) * coef, U.T, beta=cp)
+
+
+def factor_scale(e: FactorEigen, how: Literal["max", "mean"] = "max", complement: str = "min") -> float:
+    """The damping scale of a factor: its largest eigenvalue, or its mean eigenvalue ``tr(M)/d``.
+
+    The mean counts the complement eigenvalue on the ``d - r`` directions a
+    low-rank decomposition did not compute.  Cached on the snapshot (one host
+    read per decomposition).
+    """
+    if how == "max":
+        return e.max_eig
+    cached = _MEAN_EIG.get(id(e))
+    if cached is not None and cached[0] is e:
+        return cached[1]
+    d, r = e.approx.dim, e.approx.rank
+    value = (float(e.approx.eigvals.sum()) + (d - r) * _complement(e, complement)) / d
+    _MEAN_EIG[id(e)] = (e, value)
+    if len(_MEAN_EIG) > 4096:
+        _MEAN_EIG.pop(next(iter(_MEAN_EIG)))
+    return value
+
+
+_MEAN_EIG: dict[int, tuple[FactorEigen, float]] = {}
+
+
+def _graft(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``v`` rescaled to the Frobenius norm of ``g`` (grafting: direction from ``v``, length from SGD)."""
+    nv = torch.linalg.vector_norm(v.float())
+    ng = torch.linalg.vector_norm(g.float())
+    return v * torch.where(nv > 0, ng / nv.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(nv)).to(v.dtype)
 
 
 def _complement(e: FactorEigen, complement: str) -> float:
