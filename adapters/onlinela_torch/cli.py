@@ -758,8 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="length of each learning-rate probe run, in epochs (fractions allowed; "
                             "default: the task's)")
         p.add_argument("--keep-going", action="store_true",
-                       help="when an optimizer fails, leave it out, run the others and exit 0 (default: stop and "
-                            "exit 1)")
+                       help="when an optimizer fails, leave it out, run the others and exit 0 (1 if every one "
+                            "failed); default: stop at the first failure and exit 1")
         p.set_defaults(func=_compare)
 
     p = sub.add_parser("train", help="train one optimizer, with checkpoint/resume", allow_abbrev=False,
