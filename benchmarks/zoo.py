@@ -493,6 +493,15 @@ def best_by_method(runs: list[dict]) -> dict[str, dict[str, dict]]:
     return out
 
 
+def _ratio(score: float, ref: float) -> float:
+    """``score / ref``; 0 when only ``score`` is finite (first order never finished), inf when ``score`` is not."""
+    if not math.isfinite(score):
+        return math.inf
+    if not math.isfinite(ref):
+        return 0.0
+    return score / ref if ref > 0 else math.inf
+
+
 def summarize(runs: list[dict], mode: str = "time") -> dict[str, Any]:
     """Per-task best scores and ratios, and per method: wins over both SGD and Adam, worst ratio, failures, bar.
 
@@ -508,7 +517,7 @@ def summarize(runs: list[dict], mode: str = "time") -> dict[str, Any]:
         sgd_sps = methods.get("sgd", {}).get("seconds_per_step")
         row = {}
         for method, cell in methods.items():
-            ratio = cell["score"] / ref if math.isfinite(cell["score"]) and math.isfinite(ref) and ref > 0 else math.inf
+            ratio = _ratio(cell["score"], ref)
             step_ratio = cell["seconds_per_step"] / sgd_sps if cell["seconds_per_step"] and sgd_sps else None
             beats = all(cell["score"] < methods[m]["score"] for m in FIRST_ORDER if m in methods) and not cell["failed"]
             row[method] = dict(
@@ -561,6 +570,35 @@ def task_table(summary: dict[str, Any]) -> str:
             cells.append(f"{'':>10}" if c is None else f"{'x' if c['failed'] else format(c['ratio'] or math.inf, '.3g'):>10}")
         lines.append(f"{task:<18} {ref:>13} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def rst(summary: dict[str, Any]) -> str:
+    """The summary as two reStructuredText tables (per method, then per task ratios) for docs/results.rst."""
+
+    def grid(header: list[str], rows: list[list[str]]) -> list[str]:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        rule = "  ".join("=" * w for w in widths)
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        return [rule, fmt(header), rule, *map(fmt, rows), rule]
+
+    per_method = summary["per_method"]
+    rows = []
+    for m, v in per_method.items():
+        worst = f"{'inf' if v['worst_ratio'] is None else format(v['worst_ratio'], '.3g')} ({v['worst_task']})"
+        step = "" if v["median_step_time_vs_sgd"] is None else f"{v['median_step_time_vs_sgd']:.2f}"
+        bar = {True: "yes", False: "no", None: ""}[v["meets_bar"]]
+        rows.append([m, f"{v['wins']} / {v['tasks']}", worst, str(v["failed"]), step, bar])
+    out = grid(["method", "beats SGD and Adam", "worst ratio (task)", "tasks failed", "step / SGD step", "bar"], rows)
+    methods = list(per_method)
+    rows = []
+    for task, t in summary["per_task"].items():
+        cells = [task, "" if t["first_order_best"] is None else f"{t['first_order_best']:.4g}"]
+        for m in methods:
+            c = t["methods"].get(m)
+            ratio = "n/a" if c is not None and c["ratio"] is None else f"{c['ratio']:.2f}" if c else ""
+            cells.append("" if c is None else ("x" if c["failed"] else ratio))
+        rows.append(cells)
+    return "\n".join([*out, "", *grid(["task", "min(SGD, Adam)", *methods], rows)])
 
 
 def plot(summary: dict[str, Any], path: pathlib.Path, title: str) -> None:
@@ -675,6 +713,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes (each one torch thread; the budget is CPU time)")
     p.add_argument("--fast", action="store_true", help="a tiny slice for tests: 2 tasks, sgd+kfac, 2 lrs, 0.3 s")
     p.add_argument("--out", default=None)
+    p.add_argument("--report", default=None, help="print the tables (text and reST) of a written JSON; runs nothing")
     return p  # fmt: skip
 
 
@@ -734,6 +773,13 @@ def main(argv: list[str] | None = None) -> int:
     """Run the zoo, write JSON + PNG, print the summary tables."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parser().parse_args(argv)
+    if args.report:
+        doc = json.loads(pathlib.Path(args.report).read_text())
+        for r in doc["runs"]:  # strict JSON wrote non-finite scores as null
+            r["score"] = math.inf if r["score"] is None else r["score"]
+        summary = summarize(doc["runs"], doc["mode"])
+        print(task_table(summary), table(summary), rst(summary), sep="\n\n")
+        return 0
     todo = specs(args)
     default_out = RESULTS / ("zoo_steps.json" if args.mode == "steps" else "zoo.json")
     out = pathlib.Path(args.out) if args.out else default_out
