@@ -196,8 +196,10 @@ def test_flipped_bytes_anywhere_make_resume_exit_2(kfac_checkpoint, tmp_path, ca
 def test_resume_from_garbage_or_empty_files(tmp_path, capsys, content, needle):
     path = tmp_path / "c.pt"
     path.write_bytes(content)
-    code, out, err = run([*TRAIN, "--epochs", "1", "--checkpoint", str(path), "--resume"], capsys)
-    assert_one_line_error(code, out, err, needle)
+    for resume in (["--resume"], ["--resume", "auto"]):  # auto: refused too, never silently restarted from 0
+        code, out, err = run([*TRAIN, "--epochs", "1", "--checkpoint", str(path), *resume], capsys)
+        assert_one_line_error(code, out, err, needle)
+        assert path.read_bytes() == content
 
 
 def test_resume_from_a_truncated_file(kfac_checkpoint, tmp_path, capsys):
