@@ -364,11 +364,10 @@ def _eigh_dense(xp: ModuleType, A: Any, rank: int) -> LowRankPSD:
 def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np.random.Generator) -> LowRankPSD:
     r"""The default: block Lanczos with blocks of ``b = max(16, r/3)`` and an a-posteriori stop.
 
-    The basis ``K = orth[AΩ, A²Ω, ...]`` grows one block at a time (block CGS2,
-    :func:`_next_block`) and ``T = KᵀAK`` is extended from the products already made.  From
-    ``2r`` columns on, after every block the Ritz pairs ``(θ_i, u_i)`` of ``T`` are tested:
-    by the block-Krylov relation ``AK = KT + N Bᵀ E_lastᵀ`` (``N`` the next block,
-    ``B = NᵀAK_last``) the residual ``||A u_i - θ_i u_i|| = ||B w_i^{last}||`` costs a
+    The basis ``K = orth[AΩ, A²Ω, ...]`` grows one block at a time (:func:`_grow_lanczos`).
+    From ``2r`` columns on, after every block the Ritz pairs ``(θ_i, u_i)`` of ``T = KᵀAK``
+    are tested: by the block-Krylov relation ``AK = KT + N Bᵀ E_lastᵀ`` (``N`` the next
+    block, ``B = NᵀAK_last``) the residual ``||A u_i - θ_i u_i|| = ||B w_i^{last}||`` costs a
     ``b × b`` product; the basis stops growing when every ``i <= r`` has residual
     ``<= 0.15 θ_{r+1}`` (or at ``max_basis`` columns, default ``4r``; or when it is complete).
     Products: one per block plus one, ``b`` columns each.
@@ -376,8 +375,29 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
     d = int(A.shape[-1])
     if d <= _AUTO_DENSE_DIM or 3 * rank >= d:
         return _eigh_dense(xp, A, rank)
-    b = _auto_block(rank, d)
     cap = min(d, _AUTO_MAX_FACTOR * rank if max_basis is None else max_basis)
+
+    found: dict[str, Any] = {}
+
+    def accept(K: Any, T: Any, nxt: Any, image: Any, last: int, ncols: int) -> bool:
+        if ncols <= rank or ncols < min(2 * rank, cap):
+            return False
+        ok, found["eig"] = _ritz_converged(xp, T, nxt, image, rank, last)
+        return ok
+
+    K, T, ok = _grow_lanczos(xp, A, _auto_block(rank, d), cap, gen, accept)
+    if not ok:
+        logger.debug("randomized_eigh(auto): basis reached %d columns before the residual test passed", cap)
+    w, W = found["eig"] if ok and "eig" in found and int(found["eig"][0].shape[-1]) == int(T.shape[-1]) else B.eigh(xp, T)
+    return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
+
+
+def _grow_lanczos(xp: ModuleType, A: Any, b: int, cap: int, gen: np.random.Generator, accept: Any) -> tuple[Any, Any, bool]:
+    """Grow ``K = orth[AΩ, A²Ω, ...]`` (blocks of ``b``, block CGS2) and ``T = KᵀAK`` until
+    ``accept(K, T, next_block, last_image, last_width, ncols)`` holds, ``cap`` columns are reached
+    or the basis is complete.  ``T`` is extended from the products already made (one product
+    ``A·block`` per block).  Returns ``(K, T, accepted)``."""
+    d = int(A.shape[-1])
     blocks = [_orth(xp, A @ _sketch(xp, A, b, gen))]
     image = A @ blocks[0]
     T = B.mT(xp, blocks[0]) @ image
@@ -385,13 +405,12 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
     while True:
         K = xp.concat(blocks, axis=-1)
         if ncols >= d:
-            break
+            return K, T, True
         nxt = _next_block(xp, K, image[..., : min(b, d - ncols)], gen)
-        if ncols > rank and (ncols >= min(2 * rank, cap)) and _ritz_converged(xp, T, nxt, image, rank, last):
-            break
+        if accept(K, T, nxt, image, last, ncols):
+            return K, T, True
         if ncols >= cap:
-            logger.debug("randomized_eigh(auto): basis reached %d columns before the residual test passed", ncols)
-            break
+            return K, T, False
         image = A @ nxt
         C = B.mT(xp, K) @ image
         D = B.mT(xp, nxt) @ image
@@ -399,19 +418,18 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
         blocks.append(nxt)
         last = int(nxt.shape[-1])
         ncols += last
-    w, W = B.eigh(xp, T)
-    return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
 
 
-def _ritz_converged(xp: ModuleType, T: Any, nxt: Any, image: Any, rank: int, last: int) -> bool:
-    """Do the top-``rank`` Ritz pairs of ``T`` have residuals ``<= _AUTO_RES_TOL·θ_{rank+1}``?"""
-    w, W = B.eigh(xp, T)
+def _ritz_converged(xp: ModuleType, T: Any, nxt: Any, image: Any, rank: int, last: int, eig: Any = None) -> tuple[bool, Any]:
+    """Do the top-``rank`` Ritz pairs of ``T`` have residuals ``<= _AUTO_RES_TOL·θ_{rank+1}``?
+    Returns ``(answer, (w, W))`` (the eigendecomposition of ``T``, or ``eig`` when given)."""
+    w, W = B.eigh(xp, T) if eig is None else eig
     Bn = B.mT(xp, nxt) @ image  # (..., b', last): the coupling of the last block to the next
     R = Bn @ W[..., -last:, :rank]
     res = xp.sqrt(xp.sum(R * R, axis=-2))  # (..., rank)
     floor = 10.0 * math.sqrt(int(nxt.shape[-2])) * B.eps(xp, T.dtype) * w[..., :1]
     bound = _AUTO_RES_TOL * xp.maximum(w[..., rank : rank + 1], xp.zeros_like(floor)) + floor
-    return bool(xp.all(res <= bound))
+    return bool(xp.all(res <= bound)), (w, W)
 
 
 def _randomized_eigh(
@@ -523,6 +541,81 @@ def _adaptive_randomized_eigh(
     if k:
         M = _adaptive_randomized_eigh(xp, B.scale_pow2(A, k), tol, max_rank, block_size, n_iter, gen, est_iter)
         return LowRankPSD.unchecked(M.eigvecs, B.scale_pow2(M.eigvals, -k))
+    if n_iter is None:
+        return _adaptive_lanczos(xp, A, tol, max_rank, block_size, gen, est_iter)
+    return _adaptive_range_finder(xp, A, tol, max_rank, block_size or 32, n_iter, gen, est_iter)
+
+
+_ADAPTIVE_BLOCK = 64  # default block width of adaptive_randomized_eigh (its rank is not known up front)
+_ADAPTIVE_MARGIN = 1.15  # the rank is chosen so that 1.15·θ_{r+1} <= tol·θ_1 (the default's error factor)
+
+
+def _adaptive_lanczos(
+    xp: ModuleType, A: Any, tol: float, max_rank: int, block_size: int | None, gen: np.random.Generator, est_iter: int
+) -> LowRankPSD:
+    """Default body of :func:`adaptive_randomized_eigh`: the Lanczos growth of the default
+    :func:`randomized_eigh`, with the rank read off the Ritz values as the basis grows."""
+    d = int(A.shape[-1])
+    if d <= _AUTO_DENSE_DIM:
+        w, W = B.eigh(xp, A)
+        w = _clip0(xp, w)
+        return _warn_max_rank(xp, LowRankPSD.unchecked(W, w), _rank_for(xp, w, tol, 1.0, max_rank), max_rank, tol)
+    b = min(d, block_size or _ADAPTIVE_BLOCK)
+    cap = min(d, _AUTO_MAX_FACTOR * max_rank)
+    found: dict[str, Any] = {}
+
+    def accept(K: Any, T: Any, nxt: Any, image: Any, last: int, ncols: int) -> bool:
+        w, W = B.eigh(xp, T)
+        r = min(_rank_for(xp, w, tol, _ADAPTIVE_MARGIN, max_rank), max_rank)
+        if ncols <= r or ncols < min(2 * r, cap):
+            return False
+        ok, _ = _ritz_converged(xp, T, nxt, image, r, last, eig=(w, W))
+        if not ok:
+            return False
+        approx = LowRankPSD.unchecked(K @ W[..., :r], _clip0(xp, w[..., :r]))
+        if ncols < d and not bool(xp.all(_estimate_spectral_error(xp, A, approx, est_iter, gen) <= tol * w[..., 0])):
+            return False  # the a-posteriori estimate (a lower bound) disagrees: grow on
+        found.update(approx=approx, r=r)
+        return True
+
+    K, T, ok = _grow_lanczos(xp, A, b, cap, gen, accept)
+    if ok and "r" in found:
+        return found["approx"]
+    w, W = B.eigh(xp, T)
+    r = _rank_for(xp, w, tol, 1.0 if int(K.shape[-1]) >= d else _ADAPTIVE_MARGIN, max_rank)
+    keep = min(r, max_rank)
+    approx = LowRankPSD.unchecked(K @ W[..., :keep], _clip0(xp, w[..., :keep]))
+    if r <= max_rank and int(K.shape[-1]) < d:
+        logger.warning("adaptive_randomized_eigh: basis cap %d reached before the residual test passed", cap)
+    return _warn_max_rank(xp, approx, r, max_rank, tol)
+
+
+def _rank_for(xp: ModuleType, w: Any, tol: float, margin: float, max_rank: int) -> int:
+    """Smallest ``r >= 1`` with ``margin·w_{r+1} <= tol·w_1`` for every matrix of the stack
+    (``max_rank + 1`` when even ``r = max_rank`` fails; ``w`` descending)."""
+    target = tol * w[..., :1]
+    r = max(1, int(xp.max(xp.sum(xp.astype(margin * w > target, xp.int64), axis=-1))))
+    return min(r, max_rank + 1)
+
+
+def _warn_max_rank(xp: ModuleType, approx: LowRankPSD, r: int, max_rank: int, tol: float) -> LowRankPSD:
+    if r > max_rank:
+        logger.warning("adaptive_randomized_eigh: max_rank=%d reached before the tolerance tol=%.3g", max_rank, tol)
+        r = max_rank
+    return approx.truncate(min(r, approx.rank))
+
+
+def _adaptive_range_finder(
+    xp: ModuleType,
+    A: Any,
+    tol: float,
+    max_rank: int,
+    block_size: int,
+    n_iter: int,
+    gen: np.random.Generator,
+    est_iter: int = 10,
+) -> LowRankPSD:
+    """The pre-0.2 :func:`adaptive_randomized_eigh` (``n_iter`` an int): blocked range finder."""
     d = int(A.shape[-1])
     batch = tuple(A.shape[:-2])
     basis: list[Any] = []
@@ -831,21 +924,30 @@ def adaptive_randomized_eigh(
     *,
     max_rank: int | None = None,
     rng: Any = None,
-    block_size: int = 32,
-    n_iter: int = 2,
+    block_size: int | None = None,
+    n_iter: int | None = None,
     est_iter: int = 10,
 ) -> LowRankPSD:
     r"""Randomized PSD eigendecomposition whose rank grows until ``||A - approx||_2 <= tol·||A||_2`` (estimated).
 
-    Blocked adaptive range finder: blocks of ``block_size`` Gaussian vectors,
-    each refined by ``n_iter`` power iterations orthogonal to the basis so far,
-    are appended to an orthonormal basis ``Q``; after each block the Rayleigh–Ritz
-    approximation ``Q eigh(QᵀAQ) Qᵀ`` is formed and its error estimated by
-    :func:`estimate_spectral_error` (block Lanczos, ``est_iter`` steps) against
-    ``tol·θ_1`` (``θ_1 <= ||A||_2``, the top Ritz value, so the test is conservative
-    in the norm).  Finally the smallest rank ``r`` with
-    ``estimate + θ_{r+1} <= tol·θ_1`` is kept (dropping Ritz pairs adds at most
-    ``θ_{r+1}``).
+    Default (``n_iter=None``, since 0.2): the block Lanczos growth of the default
+    :func:`randomized_eigh` (blocks of ``block_size`` columns, default 64).  After
+    every block the rank is read off the Ritz values ``θ`` of ``KᵀAK``: the
+    smallest ``r`` with ``1.15·θ_{r+1} <= tol·θ_1`` (``θ_1 <= ||A||_2``, so the test
+    is conservative in the norm).  The basis stops growing when it has ``2r``
+    columns, every top-``r`` Ritz pair has residual ``<= 0.15·θ_{r+1}`` (the stop
+    of the default :func:`randomized_eigh`) and :func:`estimate_spectral_error`
+    (``est_iter`` block-Lanczos steps) confirms ``tol``.  Its cost is then that of
+    the fixed-rank default call at the rank it returns plus one estimate
+    (``benchmarks/randomized_eigh.py`` measures the ratio).  For ``d <= 256`` a
+    dense ``eigh`` gives the exact smallest rank.
+
+    ``n_iter`` an int selects the pre-0.2 algorithm, a blocked adaptive range
+    finder: blocks of ``block_size`` (default 32) Gaussian vectors, each refined by
+    ``n_iter`` power iterations orthogonal to the basis so far, are appended to an
+    orthonormal basis ``Q``; after each block the Rayleigh–Ritz approximation is
+    formed and its error estimated against ``tol·θ_1``; finally the smallest rank
+    ``r`` with ``estimate + θ_{r+1} <= tol·θ_1`` is kept.
 
     Parameters
     ----------
@@ -860,10 +962,11 @@ def adaptive_randomized_eigh(
         logged (``logging``, logger ``onlinela.randomized``).
     rng : None, int or numpy.random.Generator
         Source of the Gaussian blocks and estimator start vectors.
-    block_size : int, default 32
-        Columns added per step (``>= 1``).
-    n_iter : int, default 2
-        Power iterations per block (``>= 0``).
+    block_size : int, optional
+        Columns added per step (``>= 1``; default 64, or 32 with an int ``n_iter``).
+    n_iter : int, optional
+        ``None`` (default): the Lanczos growth above.  An int ``>= 0``: the
+        pre-0.2 range finder with that many power iterations per block.
     est_iter : int, default 10
         Block-Lanczos steps of each error estimate (``>= 1``).
 
@@ -881,16 +984,19 @@ def adaptive_randomized_eigh(
 
     Notes
     -----
-    Cost for a final basis of ``k`` columns grown in ``s = ⌈k/b⌉`` blocks:
-    ``O(d^2 k (q+2) + s d^2 · 4·est_iter + d k^2 s + k^3 s)``.  The estimate is a
+    Cost of the default for a final basis of ``k`` columns in ``s = ⌈k/b⌉``
+    blocks: ``O(d^2 k + d k^2 + s k^3)`` (one product per block, block CGS2, one
+    ``eigh`` of ``T`` per block once the basis has ``2b`` columns) plus one
+    estimate per accepted candidate, ``O(est_iter·d^2·4)``.  The pre-0.2 range
+    finder: ``O(d^2 k (q+2) + s d^2 · 4·est_iter + d k^2 s + k^3 s)``.  The estimate is a
     lower bound of the true error up to rounding (Ritz values), accurate to a
     few percent on decaying spectra; see ``docs/math/randomized.rst``.
     """
     xp, d, _ = _check_matrix(A, psd=True)
     tol = V.check_real(tol, "tol", low=0.0, high=1.0, low_open=True, high_open=True)
     max_rank = d if max_rank is None else V.check_int(max_rank, "max_rank", low=1, high=d, what="the matrix dimension d")
-    block_size = V.check_int(block_size, "block_size", low=1)
-    n_iter = _check_iter(n_iter)
+    block_size = None if block_size is None else V.check_int(block_size, "block_size", low=1)
+    n_iter = None if n_iter is None else _check_iter(n_iter)
     est_iter = _check_iter(est_iter, "est_iter", low=1)
     gen = _check_rng(rng)
     return _adaptive_randomized_eigh(xp, A, tol, max_rank, block_size, n_iter, gen, est_iter)

@@ -135,3 +135,34 @@ def test_rejects_mixed_namespaces():
 
     with pytest.raises(TypeError, match="one array library"):
         LowRankPSD(np.eye(4, 2), torch.tensor([2.0, 1.0], dtype=torch.float64))
+
+
+@given(
+    data=st.data(),
+    bad=st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+    op=st.sampled_from(["solve", "matmul", "damped_power"]),
+)
+def test_nonfinite_rhs_is_rejected_by_name(xp, data, bad, op):
+    """Inf/NaN anywhere in X (matrix or vector right-hand side) raises instead of
+    propagating NaN through the O(d r k) products (issue 15, item 6)."""
+    d = data.draw(st.integers(2, 12))
+    r = data.draw(st.integers(1, d))
+    k = data.draw(st.integers(0, 3))  # 0: a vector right-hand side
+    M = LowRankPSD(xp.asarray(np.eye(d, r)), xp.asarray(np.linspace(2.0, 1.0, r)))
+    X = np.ones((d,) if k == 0 else (d, k))
+    X.flat[data.draw(st.integers(0, X.size - 1))] = bad
+    call = {"solve": lambda Y: M.solve(Y, 0.1), "matmul": M.matmul, "damped_power": lambda Y: M.damped_power(Y, -0.5, 0.1)}
+    with pytest.raises(ValueError, match="`X` must be finite"):
+        call[op](xp.asarray(X))
+
+
+def test_unchecked_constructor_skips_validation_and_computes_the_same(xp):
+    U = xp.asarray(np.eye(5, 2))
+    w = xp.asarray(np.array([3.0, 1.0]))
+    X = xp.asarray(np.arange(10.0).reshape(5, 2))
+    checked, fast = LowRankPSD(U, w), LowRankPSD.unchecked(U, w)
+    assert np.array_equal(to_numpy(checked.solve(X, 0.5)), to_numpy(fast.solve(X, 0.5)))
+    # what the checked constructor rejects, the unchecked one accepts (the caller's contract)
+    with pytest.raises(ValueError, match="descending"):
+        LowRankPSD(U, xp.asarray(np.array([1.0, 3.0])))
+    assert LowRankPSD.unchecked(U, xp.asarray(np.array([1.0, 3.0]))).rank == 2

@@ -376,3 +376,36 @@ def test_empty_lowrank_rejects_bad_arguments(xp):
         empty_lowrank(4, xp=xp, like=xp.ones(3))
     S = empty_lowrank(5, rank=2, xp=xp, dtype=xp.float32, batch_shape=(3,))
     assert S.eigvecs.shape == (3, 5, 2) and S.eigvals.shape == (3, 2) and S.dtype == xp.float32
+
+
+@given(data=st.data(), scale=st.sampled_from([1e150, 1e155, 1e-140, 1e-150]))
+def test_brand_update_handles_extreme_scales(xp, data, scale):
+    """Entries >= 1e155 (or tiny) in X: ZᵀZ and the core would overflow (underflow) without
+    the exact power-of-two rescaling (issue 15, item 6).  Two updates from the empty state
+    must give the eigenvalues of (ρ(1-ρ) + (1-ρ)) X Xᵀ (the same X twice), which are
+    representable, to the unscaled problem's accuracy (c = 50, size d)."""
+    d = data.draw(st.integers(3, 12))
+    n = data.draw(st.integers(1, 3))
+    Y = np.random.default_rng(data.draw(st.integers(0, 99))).uniform(0.5, 1.0, (d, n)) / np.sqrt(d * n)
+    decay = 0.999
+    X = xp.asarray(Y * scale, dtype=xp.float64)
+    M = brand_update(brand_update(empty_lowrank(d, like=X), X, decay=decay), X, decay=decay)
+    ref = np.linalg.eigvalsh((decay * (1 - decay) + (1 - decay)) * (Y @ Y.T))[::-1][: M.rank]
+    w = _np(M.eigvals) / scale / scale
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(w, ref, atol=50 * d * _eps(M.dtype) * ref[0], rtol=0)
+
+
+def test_check_inputs_false_gives_the_checked_result(xp):
+    rng = np.random.default_rng(3)
+    M = empty_lowrank(20, like=xp.asarray(np.zeros((1,))))
+    for _ in range(3):
+        X = xp.asarray(rng.standard_normal((20, 4)))
+        a = brand_update(M, X, decay=0.9, rank=6)
+        b = brand_update(M, X, decay=0.9, rank=6, check_inputs=False)
+        assert np.array_equal(_np(a.eigvals), _np(b.eigvals)) and np.array_equal(_np(a.eigvecs), _np(b.eigvecs))
+        M = a
+    A = xp.asarray((lambda Z: Z @ Z.T)(rng.standard_normal((20, 20))))
+    a = rayleigh_ritz_refresh(M, A, fraction=0.5, rng=1)
+    b = rayleigh_ritz_refresh(M, A, fraction=0.5, rng=1, check_inputs=False)
+    assert np.array_equal(_np(a.eigvals), _np(b.eigvals)) and np.array_equal(_np(a.eigvecs), _np(b.eigvecs))

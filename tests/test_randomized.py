@@ -512,3 +512,116 @@ def test_tiled_symmetry_and_finiteness_check(xp):
                 randomized_eigh(xp.asarray(B_, dtype=dt), 3, rng=0)
         M = randomized_eigh(xp.asarray(np.stack([S, S]), dtype=dt), 3, rng=0)
         assert M.eigvecs.shape == (2, d, 3)
+
+
+# --------------------------------------------------------------------------- the default method ("auto")
+# The Lanczos path runs for d > 256 (below it the default is a dense eigh); d = 300 keeps these fast.
+
+
+def test_auto_default_is_exact_on_low_rank_input(xp):
+    """Rank-8 PSD input, r = 8: the Krylov space of a rank-8 matrix is its range, so the default
+    must reproduce A to rounding (c = 50 as in the module docstring, k = the basis size <= 4r)."""
+    d, r = 300, 8
+    X = np.random.default_rng(1).standard_normal((d, r))
+    A = xp.asarray(X @ X.T, dtype=xp.float64)
+    M = randomized_eigh(A, r, rng=0)
+    lam1 = float(np.linalg.eigvalsh(X @ X.T)[-1])
+    assert _err(A, M) <= C_EXACT * math.sqrt(d * 4 * r) * _eps(xp, A.dtype) * lam1
+    assert_orthonormal(M.eigvecs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_auto_default_within_the_documented_factor_of_optimal(xp, seed, alpha):
+    """Slowly decaying spectra λ_j = j^-alpha (flatter than most EA factors): the default stops
+    once its residual test passes, which the docs claim keeps the error within 1.2 λ_{r+1}."""
+    d, r = 320, 20
+    lam = (1.0 + np.arange(d)) ** -alpha
+    A = xp.asarray(_spd(d, lam, seed), dtype=xp.float64)
+    M = randomized_eigh(A, r, rng=seed)
+    assert M.rank == r
+    assert _err(A, M) <= 1.2 * lam[r]
+    assert_orthonormal(M.eigvecs)
+
+
+def test_auto_rejects_n_iter_and_old_defaults_stay_reachable(xp):
+    A = xp.asarray(_spd(300, 0.9 ** np.arange(300), 3), dtype=xp.float64)
+    with pytest.raises(ValueError, match="`n_iter` must be None for method='auto'"):
+        randomized_eigh(A, 5, n_iter=2)
+    old = randomized_eigh(A, 5, method="subspace", oversample=10, n_iter=2, rng=4)
+    implicit = randomized_eigh(A, 5, method="subspace", rng=4)  # None -> l = 10, q = 2
+    assert np.array_equal(_np(old.eigvals), _np(implicit.eigvals))
+    assert np.array_equal(_np(old.eigvecs), _np(implicit.eigvecs))
+
+
+def test_check_inputs_false_gives_the_checked_result(xp):
+    A = xp.asarray(_spd(300, 0.8 ** np.arange(300), 5), dtype=xp.float32)
+    for method in ("auto",) + METHODS:
+        a = randomized_eigh(A, 6, method=method, rng=7)
+        b = randomized_eigh(A, 6, method=method, rng=7, check_inputs=False)
+        assert np.array_equal(_np(a.eigvals), _np(b.eigvals)), method
+        assert np.array_equal(_np(a.eigvecs), _np(b.eigvecs)), method
+
+
+def test_adaptive_default_lanczos_path_meets_tolerance(xp):
+    """d = 300 > 256 takes the Lanczos growth; the true error must meet tol·λ_1."""
+    d = 300
+    lam = 0.93 ** np.arange(d)
+    A = xp.asarray(_spd(d, lam, 6), dtype=xp.float64)
+    for tol in (0.3, 0.05, 0.01):
+        M = adaptive_randomized_eigh(A, tol, rng=1)
+        assert _err(A, M) <= tol * lam[0]
+        assert int(np.sum(lam > tol * lam[0])) <= M.rank
+        assert_orthonormal(M.eigvecs)
+
+
+# --------------------------------------------------------------------------- issue 15 item 6
+
+
+@given(data=st.data())
+def test_svd_method_clips_negative_eigenvalues_of_indefinite_input(xp, data):
+    """A symmetric indefinite input: a singular triplet with uᵀv < 0 is an eigenvalue -s.
+    With a full sketch (k = d) the triplets are exact, so the returned eigenvalues must be
+    the top-r singular values with the negative eigenvalues' replaced by 0, re-sorted."""
+    d = data.draw(st.integers(3, 12))
+    r = data.draw(st.integers(1, d))
+    mags = np.array(data.draw(st.lists(st.floats(0.5, 10.0), min_size=d, max_size=d, unique=True)))
+    signs = np.array(data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=d, max_size=d)))
+    lam = mags * signs
+    A = xp.asarray(_spd(d, lam, data.draw(st.integers(0, 99))), dtype=xp.float64)
+    M = randomized_eigh(A, r, method="svd", oversample=d, n_iter=1, rng=0)
+    top = lam[np.argsort(-np.abs(lam))][:r]  # the r largest singular values' eigenvalues
+    expect = np.sort(np.maximum(top, 0.0))[::-1]
+    tol = C_EXACT * d * _eps(xp, A.dtype) * np.max(mags)
+    np.testing.assert_allclose(_np(M.eigvals), expect, atol=tol, rtol=0)
+
+
+_SCALES = [1e153, 1e200, 1e300, 1e-150, 1e-300]
+
+
+@pytest.mark.parametrize("method", ("auto",) + METHODS)
+@given(data=st.data())
+def test_every_method_handles_extreme_scales(xp, method, data):
+    """Entries near the float64 limits: the Gram matrices of the sketch would overflow or
+    underflow without the exact power-of-two rescaling; the eigenvalues must be ``s·λ(A)``
+    to the relative accuracy of the unscaled problem (full sketch: c = 50)."""
+    d = data.draw(st.integers(4, 20))
+    r = data.draw(st.integers(1, d))
+    s = data.draw(st.sampled_from(_SCALES))
+    lam = np.sort(np.array(data.draw(st.lists(st.floats(0.1, 1.0), min_size=d, max_size=d))))[::-1]
+    A = xp.asarray(_spd(d, lam, data.draw(st.integers(0, 99))) * s, dtype=xp.float64)
+    kw = {} if method == "auto" else dict(oversample=d, n_iter=1)
+    M = randomized_eigh(A, r, method=method, rng=0, **kw)
+    w = _np(M.eigvals) / s
+    assert np.all(np.isfinite(w))
+    np.testing.assert_allclose(w, lam[:r], atol=C_EXACT * d * _eps(xp, A.dtype), rtol=0)
+
+
+@given(data=st.data())
+def test_adaptive_handles_extreme_scales(xp, data):
+    d = data.draw(st.integers(4, 20))
+    s = data.draw(st.sampled_from(_SCALES))
+    lam = 0.5 ** np.arange(d)
+    A = xp.asarray(_spd(d, lam, data.draw(st.integers(0, 99))) * s, dtype=xp.float64)
+    M = adaptive_randomized_eigh(A, 0.1, rng=0)
+    np.testing.assert_allclose(_np(M.eigvals) / s, lam[: M.rank], atol=C_EXACT * d * _eps(xp, A.dtype), rtol=0)
