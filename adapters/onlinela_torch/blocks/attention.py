@@ -159,6 +159,7 @@ class MultiheadAttentionBlock(CurvatureBlock):
         """``F.linear`` with capture; ``x`` is ``(positions, n, d)`` or ``(positions·n, d)`` position-major."""
         out = F.linear(x, w, b)
         if out.requires_grad:
+            t0 = self.ctx.timer()
             rows = x.detach().reshape(-1, x.shape[-1])
             if self.mode == "reduce":  # per sample: the mean input row
                 rows = rows.reshape(-1, n, rows.shape[-1]).mean(0)
@@ -166,6 +167,7 @@ class MultiheadAttentionBlock(CurvatureBlock):
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
             self.factors[proj].A.add(rows)
             out.register_hook(lambda g, proj=proj: self._grad_hook(proj, g, n))
+            self.seconds["statistics"] += self.ctx.timer() - t0
         return out
 
     def _grad_hook(self, proj: str, grad: torch.Tensor, n: int) -> None:
@@ -194,7 +196,6 @@ class MultiheadAttentionBlock(CurvatureBlock):
         if not capture_allowed(m, self.ctx) or query.is_nested:
             return self._orig(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                               attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        t0 = self.ctx.timer()
         is_batched = query.dim() == 3
         kpm = _canonical(key_padding_mask, query.dtype, "key_padding_mask")
         am = _canonical(attn_mask, query.dtype, "attn_mask")
@@ -204,70 +205,22 @@ class MultiheadAttentionBlock(CurvatureBlock):
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))
             kpm = None if kpm is None else kpm.unsqueeze(0)
         L, N, E = query.shape
-        H = m.num_heads
-        hd = E // H
         if is_causal and am is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch's MultiheadAttention).")
         causal = is_causal and kpm is None and not need_weights
         if causal:
             am = None
-        terms = (L * N if self.ctx.loss_terms == "positions" else N) if is_batched else (L if self.ctx.loss_terms == "positions" else 1)
-        self._record_call(terms)
+        positions = self.ctx.loss_terms == "positions"
+        self._record_call((L * N if positions else N) if is_batched else (L if positions else 1))
         W = self._weights()
         q = self._linear("q", query, *W["q"], N)
         k = self._linear("k", key, *W["k"], N)
         v = self._linear("v", value, *W["v"], N)
-        self.seconds["statistics"] += self.ctx.timer() - t0
-        if am is not None:
-            if am.dim() == 2:
-                if am.shape != (L, key.shape[0]):
-                    raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(am.shape)}, but should be {(L, key.shape[0])}.")
-                am = am.unsqueeze(0)
-            elif am.dim() != 3:
-                raise RuntimeError(f"attn_mask's dimension {am.dim()} is not supported")
-        if m.bias_k is not None and m.bias_v is not None:
-            k = torch.cat([k, m.bias_k.repeat(1, N, 1)])
-            v = torch.cat([v, m.bias_v.repeat(1, N, 1)])
-            am = None if am is None else F.pad(am, (0, 1))
-            kpm = None if kpm is None else F.pad(kpm, (0, 1))
-        q = q.reshape(L, N * H, hd).transpose(0, 1)
-        k = k.reshape(k.shape[0], N * H, hd).transpose(0, 1)
-        v = v.reshape(v.shape[0], N * H, hd).transpose(0, 1)
-        if m.add_zero_attn:
-            zeros = k.new_zeros(N * H, 1, hd)
-            k, v = torch.cat([k, zeros], 1), torch.cat([v, zeros], 1)
-            am = None if am is None else F.pad(am, (0, 1))
-            kpm = None if kpm is None else F.pad(kpm, (0, 1))
-        S = k.shape[1]
-        if kpm is not None:
-            kpm = kpm.reshape(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
-            am = kpm if am is None else am + kpm
-        p_drop = m.dropout if m.training else 0.0
-        weights = None
-        if need_weights:
-            qs = q * math.sqrt(1.0 / float(hd))
-            scores = torch.baddbmm(am, qs, k.transpose(-2, -1)) if am is not None else torch.bmm(qs, k.transpose(-2, -1))
-            weights = torch.softmax(scores, dim=-1)
-            if p_drop > 0.0:
-                weights = F.dropout(weights, p=p_drop)
-            out = torch.bmm(weights, v).transpose(0, 1).reshape(L * N, E)
-            weights = weights.view(N, H, L, S)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-        else:
-            if am is not None:
-                am = am.unsqueeze(0) if am.size(0) == 1 and am.dim() == 3 else am.view(N, H, -1, S)
-            o = F.scaled_dot_product_attention(q.view(N, H, L, hd), k.view(N, H, S, hd), v.view(N, H, S, hd), am, p_drop, causal)
-            out = o.permute(2, 0, 1, 3).contiguous().view(N * L, E)
-        t1 = self.ctx.timer()
-        out = self._linear("out", out, *W["out"], N).view(L, N, E)
-        self.seconds["statistics"] += self.ctx.timer() - t1
+        heads, weights = _attention_core(m, q, k, v, am, kpm, need_weights, average_attn_weights, causal)
+        out = self._linear("out", heads, *W["out"], N).view(L, N, E)
         if not is_batched:
-            out = out.squeeze(1)
-            weights = None if weights is None else weights.squeeze(0)
-        elif m.batch_first:
-            out = out.transpose(1, 0)
-        return out, weights
+            return out.squeeze(1), None if weights is None else weights.squeeze(0)
+        return (out.transpose(1, 0) if m.batch_first else out), weights
 
     # ------------------------------------------------------------------ statistics
     def _update(self, *, decompose: bool, damping: float, step: int) -> None:
@@ -326,6 +279,64 @@ class MultiheadAttentionBlock(CurvatureBlock):
 
     def _extra_stats(self) -> dict[str, Any]:
         return {"mode": self.mode, "factors": {p: f.stats() for p, f in self.factors.items()}}
+
+
+def _attention_core(
+    m: nn.MultiheadAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    am: torch.Tensor | None,
+    kpm: torch.Tensor | None,
+    need_weights: bool,
+    average_attn_weights: bool,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of projected ``q (L, N, E)``, ``k, v (S, N, E)`` as torch's slow path: heads ``(L·N, E)`` and weights.
+
+    ``am``: additive float mask ``(L, S)`` or ``(N·H, L, S)``; ``kpm``: additive ``(N, S)``.
+    """
+    L, N, E = q.shape
+    H = m.num_heads
+    hd = E // H
+    if am is not None:
+        if am.dim() == 2:
+            if am.shape != (L, k.shape[0]):
+                raise RuntimeError(f"The shape of the 2D attn_mask is {tuple(am.shape)}, but should be {(L, k.shape[0])}.")
+            am = am.unsqueeze(0)
+        elif am.dim() != 3:
+            raise RuntimeError(f"attn_mask's dimension {am.dim()} is not supported")
+    if m.bias_k is not None and m.bias_v is not None:
+        k = torch.cat([k, m.bias_k.repeat(1, N, 1)])
+        v = torch.cat([v, m.bias_v.repeat(1, N, 1)])
+        am = None if am is None else F.pad(am, (0, 1))
+        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+    q = q.reshape(L, N * H, hd).transpose(0, 1)
+    k = k.reshape(k.shape[0], N * H, hd).transpose(0, 1)
+    v = v.reshape(v.shape[0], N * H, hd).transpose(0, 1)
+    if m.add_zero_attn:
+        zeros = k.new_zeros(N * H, 1, hd)
+        k, v = torch.cat([k, zeros], 1), torch.cat([v, zeros], 1)
+        am = None if am is None else F.pad(am, (0, 1))
+        kpm = None if kpm is None else F.pad(kpm, (0, 1))
+    S = k.shape[1]
+    if kpm is not None:
+        kpm = kpm.reshape(N, 1, 1, S).expand(-1, H, -1, -1).reshape(N * H, 1, S)
+        am = kpm if am is None else am + kpm
+    p_drop = m.dropout if m.training else 0.0
+    if not need_weights:
+        if am is not None:
+            am = am.unsqueeze(0) if am.size(0) == 1 and am.dim() == 3 else am.view(N, H, -1, S)
+        o = F.scaled_dot_product_attention(q.view(N, H, L, hd), k.view(N, H, S, hd), v.view(N, H, S, hd), am, p_drop, causal)
+        return o.permute(2, 0, 1, 3).contiguous().view(N * L, E), None
+    qs = q * math.sqrt(1.0 / float(hd))
+    scores = torch.baddbmm(am, qs, k.transpose(-2, -1)) if am is not None else torch.bmm(qs, k.transpose(-2, -1))
+    weights = torch.softmax(scores, dim=-1)
+    if p_drop > 0.0:
+        weights = F.dropout(weights, p=p_drop)
+    heads = torch.bmm(weights, v).transpose(0, 1).reshape(L * N, E)
+    weights = weights.view(N, H, L, S)
+    return heads, (weights.mean(dim=1) if average_attn_weights else weights)
 
 
 def _mha_factory(name: str, module: nn.MultiheadAttention, ctx: BlockContext) -> MultiheadAttentionBlock | str:
