@@ -62,6 +62,16 @@ def test_capture_only_in_training_with_grad_on_statistics_steps():
     assert blk.factors.A.rows == 4
 
 
+def test_no_capture_inside_torch_func_transforms():
+    from torch.func import functional_call, grad
+
+    ctx = B.BlockContext(factor_dtype=DT, inv_dtype=DT)
+    lin, blk = lin_block(ctx)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    grad(lambda p: functional_call(lin, p, (torch.randn(4, 3, dtype=DT),)).sum())(params)
+    assert blk.factors.A.rows == 0 and blk.factors.A.state is None
+
+
 def test_sampled_backward_weights_rows_and_the_real_backward_is_ignored_for_true_fisher(caplog):
     ctx = B.BlockContext(fisher="true", grad_scale=lambda: 4.0, factor_dtype=DT, inv_dtype=DT)
     lin, blk = lin_block(ctx)

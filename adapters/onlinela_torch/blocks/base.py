@@ -229,9 +229,16 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def capture_allowed(module: nn.Module, ctx: BlockContext) -> bool:
-    """Statistics are captured only in training mode, with grad enabled, on statistics steps."""
-    return module.training and torch.is_grad_enabled() and ctx.capturing()
+    """Statistics are captured only in training mode, with grad enabled, on statistics steps.
+
+    Never inside a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``):
+    a functional evaluation of the model is not a training step.
+    """
+    return module.training and torch.is_grad_enabled() and not _functorch_active() and ctx.capturing()
 
 
 class CurvatureBlock(abc.ABC):
