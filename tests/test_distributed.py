@@ -15,6 +15,7 @@ round-off amplified by the small damping and momentum).
 from __future__ import annotations
 
 import datetime
+import os
 import pathlib
 
 import pytest
@@ -409,6 +410,24 @@ def test_every_stored_decomposition_is_row_major(method):
     assert len(stored) >= 2 * len(layouts)  # a snapshot in every factor
     assert all(stride == torch.empty(shape).stride() for shape, stride in stored), layouts
     precond.remove_hooks()
+
+
+def _die_on_the_last_rank() -> None:
+    if dist.get_rank() == dist.get_world_size() - 1:
+        os.abort()  # SIGABRT, as a gloo thread torn down at exit would raise
+
+
+def _return_3() -> int:
+    return 3
+
+
+def test_a_dying_worker_is_an_exception_in_the_parent_not_a_hang():
+    # the other rank waits in spawn's teardown barrier; the launcher ends it when its peer died
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        spawn(_die_on_the_last_rank, 2, timeout=TIMEOUT)
+    with pytest.raises(torch.multiprocessing.ProcessExitedException) as exc:
+        spawn(_return_3, 2, timeout=TIMEOUT)
+    assert exc.value.exit_code == 3
 
 
 def test_without_a_process_group():
