@@ -408,3 +408,18 @@ def test_state_dict_round_trip_and_mismatches_name_the_block():
         wrong.load_state_dict(sd)
     with pytest.raises(ValueError, match="'conv1d' block|'linear'"):
         other.blocks["0"].load_state_dict({**sd["0"], "kind": "conv1d"})
+
+
+def test_unbatched_conv_inputs_count_one_sample():
+    torch.manual_seed(9)
+    for conv, x in ((nn.Conv1d(3, 2, 2), torch.randn(3, 5, dtype=DT)), (nn.Conv2d(3, 2, 2), torch.randn(3, 4, 4, dtype=DT))):
+        conv = conv.to(DT)
+        blk = B.block_for("c", conv, make_ctx())
+        blk.attach()
+        out = conv(x)
+        out.retain_grad()
+        out.square().sum().backward()
+        assert blk._terms == 1
+        blk.update(decompose=True, damping=1e-3, step=0)
+        g = out.grad.reshape(2, -1).T
+        torch.testing.assert_close(blk.factors.G.state.dense(), g.T @ g, **TOL)  # M = 1

@@ -11,6 +11,7 @@ applies to them.
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from typing import Any, Literal
@@ -310,7 +311,8 @@ class KroneckerBlock(CurvatureBlock):
     name, module, ctx
         As :class:`CurvatureBlock`.
     helper : LayerHelper
-        Rows and dimensions of the layer type.
+        Rows and dimensions of the layer type.  Subclasses say how many loss
+        terms one call has (``_call_terms``).
 
     Notes
     -----
@@ -364,9 +366,9 @@ class KroneckerBlock(CurvatureBlock):
     def _g_rows(self, grad: torch.Tensor) -> torch.Tensor:
         return self.helper.g_rows(grad)
 
+    @abc.abstractmethod
     def _call_terms(self, x: torch.Tensor) -> int:
-        """Loss terms ``M`` of one call: the batch size (channels-first layers)."""
-        return self.helper.batch_size(x)
+        """Loss terms ``M`` of one call with input ``x`` (each layer type says)."""
 
     # ------------------------------------------------------------------ statistics
     def _update(self, *, decompose: bool, damping: float, step: int) -> None:
@@ -459,6 +461,9 @@ class Conv1dBlock(KroneckerBlock):
     def __init__(self, name: str, module: nn.Conv1d, ctx: BlockContext) -> None:
         super().__init__(name, module, ctx, Conv1dHelper(module))
 
+    def _call_terms(self, x: torch.Tensor) -> int:
+        return int(x.shape[0]) if x.ndim == 3 else 1  # (N, C, L) or unbatched (C, L)
+
 
 class Conv2dBlock(KroneckerBlock):
     """``nn.Conv2d`` (``groups=1``, zero padding): KFC (Grosse & Martens 2016), as the preconditioner's helper."""
@@ -467,6 +472,9 @@ class Conv2dBlock(KroneckerBlock):
 
     def __init__(self, name: str, module: nn.Conv2d, ctx: BlockContext) -> None:
         super().__init__(name, module, ctx, Conv2dHelper(module))
+
+    def _call_terms(self, x: torch.Tensor) -> int:
+        return int(x.shape[0]) if x.ndim == 4 else 1  # (N, C, H, W) or unbatched (C, H, W)
 
 
 def _conv_reason(module: nn.Module) -> str:
