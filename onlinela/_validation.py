@@ -146,6 +146,13 @@ def check_int(value: Any, name: str, *, low: int | None = None, high: int | None
     return v
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """A Python (or NumPy) bool; anything else is a ``TypeError`` (a truthy string is not a flag)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a bool (True or False), got {type(value).__name__}")
+    return bool(value)
+
+
 def check_real(
     value: Any,
     name: str,

@@ -191,6 +191,8 @@ class LowRankPSD:
         B.get_namespace(self.eigvecs, X, names=("eigvecs", "X"))
         if X.dtype != self.dtype:
             raise TypeError(f"`X` must have the factor's dtype {self.dtype}, got {X.dtype}")
+        if X.ndim == 0:
+            raise ValueError("`X` must have shape (d,) or (..., d, k), got a 0-d array")
         vector = X.ndim == 1
         if vector:
             X = X[:, None]

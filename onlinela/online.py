@@ -104,6 +104,8 @@ def empty_lowrank(
     """
     dim = V.check_int(dim, "dim", low=1)
     rank = V.check_int(rank, "rank", low=0, high=dim, what="the matrix dimension `dim`")
+    if not isinstance(batch_shape, (tuple, list)):
+        raise TypeError(f"`batch_shape` must be a tuple of ints, got {type(batch_shape).__name__}")
     batch = tuple(V.check_int(b, "batch_shape", low=0) for b in batch_shape)
     if like is not None:
         if xp is not None:
@@ -203,7 +205,7 @@ def brand_update(
     >>> M.rank
     20
     """
-    if not check_inputs:
+    if not V.check_bool(check_inputs, "check_inputs"):
         return _brand_update(approx, X, decay, rank)
     if not isinstance(approx, LowRankPSD):
         raise TypeError(f"`approx` must be a LowRankPSD, got {type(approx).__name__}")
@@ -491,7 +493,7 @@ def rayleigh_ritz_refresh(
     (it needs the dense factor, so B-KFAC-c is not memory-linear); the
     ``d r^2`` term is the exact permutation that re-sorts the pairs.
     """
-    if not check_inputs:
+    if not V.check_bool(check_inputs, "check_inputs"):
         return _rayleigh_ritz_refresh(approx, A, fraction, rng)
     if not isinstance(approx, LowRankPSD):
         raise TypeError(f"`approx` must be a LowRankPSD, got {type(approx).__name__}")

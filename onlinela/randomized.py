@@ -899,7 +899,7 @@ def randomized_eigh(
     >>> M.eigvecs.shape, M.eigvals.shape
     ((100, 5), (5,))
     """
-    if check_inputs:
+    if V.check_bool(check_inputs, "check_inputs"):
         xp, d, _ = _check_matrix(A, psd=True)
         rank = V.check_int(rank, "rank", low=1, high=d, what="the matrix dimension d")
         if oversample is not None:
