@@ -18,7 +18,8 @@ the KL clip follows the scheduled learning rate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -27,33 +28,55 @@ from torch import nn
 from onlinela import _validation as V
 
 from .preconditioner import KFACPreconditioner
+from .quadratic import AdaptiveDamping, curvature_products, lm_adjust, solve_step
 
 __all__ = ["KFAC", "RSKFAC", "SREKFAC", "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC"]
 
 
 class _KFACFamily(torch.optim.Optimizer):
-    """SGD on K-FAC-preconditioned gradients (base of the public classes).
+    r"""SGD on K-FAC-preconditioned gradients (base of the public classes).
 
     Parameters
     ----------
     model : torch.nn.Module
-        All of its parameters are optimized; its Linear/Conv2d layers are preconditioned.
-    lr : float
-        Learning rate (``param_groups[0]["lr"]``, also the KL clip's ``lr``).
+        The network.  A model, not ``model.parameters()``: the preconditioner
+        registers hooks on its layers to capture their inputs and output
+        gradients, which a parameter list cannot give.  Use ``params`` to
+        optimise a subset or to pass parameter groups.
+    lr : float or "auto"
+        Learning rate (``param_groups[i]["lr"]``, also the KL clip's).
+        ``"auto"``: step size and momentum from the quadratic model
+        (Martens & Grosse 2015, §7): ``δ = αΔ + μδ₀`` with ``(α, μ)``
+        minimising ``½δᵀCδ + gᵀδ`` on the batch, ``C`` the exact Gauss–Newton
+        (or Hessian) matrix plus the damping; needs ``step(closure)`` (see
+        :meth:`step`) and costs about one extra forward–backward pass per
+        vector per step (``stats()["optimizer"]["seconds_quadratic"]``).
     momentum : float >= 0
-        Heavy-ball momentum on the clipped direction (the papers use 0).
+        Heavy-ball momentum on the clipped direction (default 0.9; the papers
+        use 0).  Ignored with ``lr="auto"`` (``μ`` comes from the model).
     weight_decay : float >= 0
         ``wd``.
     weight_decay_mode : {"after", "before"}
         ``"after"`` (the papers): ``wd·p`` is added to the preconditioned,
         clipped direction; ``"before"``: to the gradient before preconditioning
         (so it is preconditioned and counts in the KL clip).
-    weight_decay_start : int or None
-        First step with weight decay; None gives the papers' ``20·T_updt``.
+    weight_decay_start : int
+        First step with weight decay (default 0: from the start).  The papers'
+        CIFAR runs used ``20·T_updt``; ``stats()["optimizer"]`` shows whether it is on.
+    adaptive_damping : AdaptiveDamping or None
+        The Levenberg–Marquardt rule (§6.5; :class:`~onlinela_torch.quadratic.AdaptiveDamping`):
+        every ``interval`` steps the loss after the step is re-evaluated on the
+        same batch by the closure and the damping multiplied or divided by
+        ``ω``.  Needs ``step(closure)``; without a closure on such a step the
+        rule is skipped (warned once, counted).  Without a closure at all, the
+        cheaper alternative is a damping schedule (``damping=callable``) or the
+        library default (relative damping, which follows the factors' scale).
+    params : iterable of Tensor or dict, optional
+        The parameters (or groups) to optimise; default ``model.parameters()``.
     **kwargs
         Passed to :class:`KFACPreconditioner` (``damping``, ``factor_decay``,
         ``factor_update_freq``, ``inv_update_freq``, ``rank``, ``kl_clip``, ...);
-        ``method`` and ``lr`` are set by the class.
+        ``method`` and ``optimizer`` are set by the class.
 
     Notes
     -----
@@ -67,32 +90,49 @@ class _KFACFamily(torch.optim.Optimizer):
     def __init__(
         self,
         model: nn.Module,
-        lr: float = 0.1,
+        lr: float | Literal["auto"] = 0.1,
         *,
-        momentum: float = 0.0,
+        momentum: float = 0.9,
         weight_decay: float = 0.0,
         weight_decay_mode: Literal["after", "before"] = "after",
-        weight_decay_start: int | None = None,
+        weight_decay_start: int = 0,
+        adaptive_damping: AdaptiveDamping | None = None,
+        params: Iterable[Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        for bad in ("method", "lr"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} needs the model (a torch.nn.Module), got {type(model).__name__}: the "
+                "preconditioner hooks the model's layers to capture their statistics, which a parameter list "
+                "cannot give; pass `model` (and `params=` to optimise a subset)"
+            )
+        for bad in ("method", "optimizer"):
             if bad in kwargs:
                 raise TypeError(f"{type(self).__name__} sets `{bad}` itself; do not pass it in the preconditioner options")
-        V.check_real(lr, "lr", low=0.0, low_open=True)
+        self.auto = isinstance(lr, str)
+        if self.auto and lr != "auto":
+            raise ValueError(f"`lr` must be a positive float or 'auto', got {lr!r}")
+        if not self.auto:
+            V.check_real(lr, "lr", low=0.0, low_open=True)
         V.check_real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         V.check_real(weight_decay, "weight_decay", low=0.0)
         if weight_decay_mode not in ("after", "before"):
             raise ValueError(f"`weight_decay_mode` must be 'after' or 'before', got {weight_decay_mode!r}")
-        super().__init__(model.parameters(), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.weight_decay_mode = weight_decay_mode
-        self.preconditioner = KFACPreconditioner(model, method=self.method, lr=self._current_lr, **kwargs)
-        if weight_decay_start is None:
-            freq = kwargs.get("factor_update_freq", 10)
-            weight_decay_start = 20 * (freq(0) if callable(freq) else freq)
+        if adaptive_damping is not None and not isinstance(adaptive_damping, AdaptiveDamping):
+            raise TypeError(f"`adaptive_damping` must be an AdaptiveDamping or None, got {type(adaptive_damping).__name__}")
+        defaults = dict(lr=1.0 if self.auto else lr, momentum=0.0 if self.auto else momentum, weight_decay=weight_decay)
+        super().__init__(model.parameters() if params is None else params, defaults)
+        self.model = model
+        self.weight_decay_mode = "before" if self.auto else weight_decay_mode
+        self.adaptive_damping = adaptive_damping
+        if self.auto:  # the model sets the step: no clip, no grafting unless asked for
+            kwargs.setdefault("kl_clip", None)
+            kwargs.setdefault("graft", None)
+        self.preconditioner = KFACPreconditioner(model, method=self.method, optimizer=self, **kwargs)
         self.weight_decay_start = V.check_int(weight_decay_start, "weight_decay_start", low=0)
-
-    def _current_lr(self, step: int) -> float:
-        return float(self.param_groups[0]["lr"])
+        self._counts = {"auto_fallback": 0, "lm_skipped": 0, "lm_updates": 0}
+        self._seconds_quadratic = 0.0
+        self._last: dict[str, float] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -101,21 +141,47 @@ class _KFACFamily(torch.optim.Optimizer):
         Parameters
         ----------
         closure : callable, optional
-            Re-evaluates the model and calls ``backward()``; its return value is returned.
+            With a float ``lr``: re-evaluates the model and calls
+            ``backward()`` (the usual torch contract); its return value is
+            returned, and with ``adaptive_damping`` it is called once more
+            (under ``no_grad``) after the update to measure the actual reduction.
+            With ``lr="auto"``: computes the batch loss on the model **without**
+            calling ``backward()`` and returns ``loss`` or ``(loss, outputs)``;
+            with the outputs the curvature is the exact Gauss–Newton matrix,
+            without them the Hessian.  The optimizer differentiates it itself.
         """
+        if self.auto:
+            if closure is None:
+                raise ValueError(f"{type(self).__name__}(lr='auto') needs step(closure); see the step() docstring")
+            return self._auto_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        decay_on = self.preconditioner.steps >= self.weight_decay_start
-        if decay_on and self.weight_decay_mode == "before":
+        g_before = self._lm_snapshot(closure)
+        if not self._precondition():
+            return loss
+        deltas = self._sgd_update()
+        self._lm_after(closure, loss, g_before, deltas)
+        return loss
+
+    # ------------------------------------------------------------------ plain update
+    def _decay_on(self) -> bool:
+        return self.preconditioner.steps >= self.weight_decay_start
+
+    def _precondition(self) -> bool:
+        if self._decay_on() and self.weight_decay_mode == "before":
             for group in self.param_groups:
                 if group["weight_decay"]:
                     for p in group["params"]:
                         if p.grad is not None:
                             p.grad.add_(p, alpha=group["weight_decay"])
-        if not self.preconditioner.step():
-            return loss
+        return self.preconditioner.step()
+
+    def _sgd_update(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Apply ``p ← p − lr·d``; returns ``(p, δ)`` pairs of the applied update."""
+        decay_on = self._decay_on()
+        out = []
         for group in self.param_groups:
             wd = group["weight_decay"] if decay_on and self.weight_decay_mode == "after" else 0.0
             for p in group["params"]:
@@ -130,21 +196,156 @@ class _KFACFamily(torch.optim.Optimizer):
                     else:
                         buf.mul_(group["momentum"]).add_(d)
                     d = buf
-                p.add_(d, alpha=-group["lr"])
-        return loss
+                delta = d * (-group["lr"])
+                p.add_(delta)
+                out.append((p, delta))
+        return out
+
+    # ------------------------------------------------------------------ LM damping, plain mode
+    def _lm_due(self) -> bool:
+        cfg = self.adaptive_damping
+        return cfg is not None and self.preconditioner.steps % cfg.interval == 0
+
+    def _lm_snapshot(self, closure: Callable[[], Any] | None) -> list[torch.Tensor] | None:
+        """The raw gradients (for the model's linear term), on an LM step with a closure."""
+        if not self._lm_due():
+            return None
+        if closure is None:
+            self._counts["lm_skipped"] += 1
+            self.preconditioner._warn.warn(
+                "lm_without_closure", "adaptive_damping needs step(closure) to re-evaluate the loss; rule skipped"
+            )
+            return None
+        return [p.grad.detach().clone() if p.grad is not None else None for g in self.param_groups for p in g["params"]]
+
+    def _lm_after(
+        self,
+        closure: Callable[[], Any] | None,
+        loss: Any,
+        g_before: list[torch.Tensor | None] | None,
+        deltas: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Plain mode: ``ρ`` from the loss after the step and the K-FAC model ``q = gᵀδ + ½ δᵀ(F̂ + λI)δ``."""
+        if g_before is None or closure is None or loss is None:
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        g_of = {id(p): gb for p, gb in zip(params, g_before) if gb is not None}
+        lin = sum(float((g_of[id(p)].double() * d.double()).sum()) for p, d in deltas if id(p) in g_of)
+        quad = self.preconditioner.model_curvature({id(p): d for p, d in deltas})
+        with self.preconditioner.paused(), torch.enable_grad():
+            new = _loss_value(closure())
+        for p in params:  # the re-evaluation's backward is not this step's gradient
+            p.grad = None
+        self._lm_apply(_loss_value(loss), new, lin + 0.5 * quad)
+
+    def _lm_apply(self, old: float, new: float, predicted: float) -> None:
+        rho = (new - old) / predicted if predicted < 0 else float("nan")
+        pre = self.preconditioner
+        base = pre.damping_at(pre.steps) / pre.damping_factor
+        lam = lm_adjust(base * pre.damping_factor, rho, self.adaptive_damping)
+        pre.damping_factor = lam / base
+        self._counts["lm_updates"] += 1
+        self._last.update(rho=rho, damping=lam)
+    # ------------------------------------------------------------------ lr="auto"
+    def _auto_step(self, closure: Callable[[], Any]) -> torch.Tensor:
+        pre = self.preconditioner
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        with torch.enable_grad():
+            loss, outputs = _split_closure(closure())
+            hessian = outputs is None
+            try:
+                grads = torch.autograd.grad(loss, params, create_graph=hessian, retain_graph=True, allow_unused=True)
+            except RuntimeError as exc:
+                raise ValueError(
+                    "with lr='auto' the closure must return the loss (or (loss, outputs)) without calling "
+                    f"backward(): the optimizer differentiates it itself ({exc})"
+                ) from None
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g.detach().clone()
+        if not self._precondition():  # adds weight decay first ("before"), so g below includes it
+            return loss.detach()
+        t0 = time.perf_counter()
+        wd = {id(p): (grp["weight_decay"] if self._decay_on() else 0.0) for grp in self.param_groups for p in grp["params"]}
+        raw = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+        raw = [r + wd[id(p)] * p if wd[id(p)] else r for r, p in zip(raw, params)]
+        delta = [-p.grad for p in params]
+        prev = [self.state[p].get("prev_update") for p in params]
+        has_prev = all(x is not None for x in prev)
+        lam = self._param_damping(params, wd)
+        vecs = [delta] + ([prev] if has_prev else [])
+        with torch.enable_grad(), pre.paused():
+            fv = curvature_products(loss, params, vecs, outputs=outputs, grads=grads if hessian else None)
+        cv = [[f + lam[i] * v for i, (f, v) in enumerate(zip(fvi, vi))] for fvi, vi in zip(fv, vecs)]
+        sol = solve_step(raw, delta, cv[0], prev if has_prev else None, cv[1] if has_prev else None)
+        if sol.fallback == "indefinite":
+            self._counts["auto_fallback"] += 1
+            pre._warn.warn("auto_indefinite", "step %d: the quadratic model has no minimiser on span(Δ, δ₀); "
+                           "no update this step", pre.steps - 1)
+        for i, p in enumerate(params):
+            u = delta[i] * sol.alpha
+            if has_prev and sol.mu:
+                u = u + prev[i] * sol.mu
+            p.add_(u)
+            self.state[p]["prev_update"] = u
+        self._seconds_quadratic += time.perf_counter() - t0
+        self._last.update(alpha=sol.alpha, mu=sol.mu, predicted=sol.predicted)
+        if self._lm_due():
+            with torch.no_grad(), pre.paused():
+                new = _loss_value(_split_closure(closure())[0])
+            self._lm_apply(float(loss), new, sol.predicted)
+        return loss.detach()
+
+    def _param_damping(self, params: list[torch.Tensor], wd: dict[int, float]) -> list[float]:
+        """``λ`` of ``C = F + λI`` per parameter: its layer's absolute damping plus weight decay."""
+        per_layer = self.preconditioner.absolute_damping()
+        of: dict[int, float] = {}
+        for name, layer in self.preconditioner.layers.items():
+            for q in (layer.module.weight, getattr(layer.module, "bias", None)):
+                if q is not None:
+                    of[id(q)] = per_layer[name]
+        return [of.get(id(p), 0.0) + wd[id(p)] for p in params]
+
+    def stats(self) -> dict[str, Any]:
+        """The preconditioner's :meth:`~KFACPreconditioner.stats` plus ``"optimizer"``.
+
+        ``"optimizer"``: ``weight_decay_active`` (the step is at or past
+        ``weight_decay_start``), ``weight_decay_start``, ``lr`` (``"auto"`` or
+        the first group's), ``damping`` (the relative damping in effect),
+        ``last`` (the last ``alpha``, ``mu``, ``predicted``, ``rho``, ``damping``),
+        ``seconds_quadratic`` (curvature products and the 2×2 solves) and
+        counters ``auto_fallback``, ``lm_updates``, ``lm_skipped``.
+        """
+        st = self.preconditioner.stats()
+        pre = self.preconditioner
+        st["optimizer"] = {
+            "weight_decay_active": self._decay_on(),
+            "weight_decay_start": self.weight_decay_start,
+            "lr": "auto" if self.auto else float(self.param_groups[0]["lr"]),
+            "damping": pre.damping_at(pre.steps),
+            "last": dict(self._last),
+            "seconds_quadratic": self._seconds_quadratic,
+            **self._counts,
+        }
+        return st
 
     def state_dict(self) -> dict[str, Any]:
         """The SGD state plus ``"preconditioner"``: :meth:`KFACPreconditioner.state_dict`."""
         sd = super().state_dict()
         sd["preconditioner"] = self.preconditioner.state_dict()
+        sd["quadratic"] = {"counts": dict(self._counts), "seconds": self._seconds_quadratic, "last": dict(self._last)}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore both the SGD state and the preconditioner's."""
         sd = dict(state_dict)
         pre = sd.pop("preconditioner")
+        quad = sd.pop("quadratic", None)
         super().load_state_dict(sd)
         self.preconditioner.load_state_dict(pre)
+        if quad is not None:
+            self._counts = dict(quad["counts"])
+            self._seconds_quadratic = float(quad["seconds"])
+            self._last = dict(quad["last"])
 
 
 class KFAC(_KFACFamily):
@@ -210,3 +411,18 @@ class BKFACC(_KFACFamily):
     """
 
     method = "b-kfac-c"
+
+
+def _split_closure(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``loss`` or ``(loss, outputs)`` from an auto-mode closure, checked."""
+    loss, outputs = (out[0], out[1]) if isinstance(out, tuple) and len(out) == 2 else (out, None)
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        raise TypeError(f"the closure must return a scalar loss tensor or (loss, outputs), got {type(out).__name__}")
+    if outputs is not None and not isinstance(outputs, torch.Tensor):
+        raise TypeError(f"the closure's outputs must be a Tensor, got {type(outputs).__name__}")
+    return loss.reshape(()), outputs
+
+
+def _loss_value(out: Any) -> float:
+    loss = out[0] if isinstance(out, tuple) else out
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)

@@ -20,6 +20,7 @@ Brand methods update ``(U, D)`` every ``T_B`` steps.  See docs/kfac.rst.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -314,7 +315,7 @@ class KFACPreconditioner:
         optimizer: torch.optim.Optimizer | None = None,
         warmup: bool = True,
         damping_scale: Literal["max", "mean"] = "max",
-        graft: Literal["sgd"] | None = None,
+        graft: Literal["sgd", "unit"] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -374,9 +375,11 @@ class KFACPreconditioner:
         if damping_scale not in ("max", "mean"):
             raise ValueError(f"`damping_scale` must be 'max' or 'mean', got {damping_scale!r}")
         self.damping_scale = damping_scale
-        if graft not in (None, "sgd"):
-            raise ValueError(f"`graft` must be None or 'sgd', got {graft!r}")
+        if graft not in (None, "sgd", "unit"):
+            raise ValueError(f"`graft` must be None, 'sgd' or 'unit', got {graft!r}")
         self.graft = graft
+        self._grad_sq = 0.0  # EA of the squared total gradient norm ("unit" grafting)
+        self._grad_sq_count = 0
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
         selected = _select_layers(model, layers, skip_layers)
@@ -386,6 +389,9 @@ class KFACPreconditioner:
         self._by_module = {layer.module: layer for layer in self.layers.values()}
         self._handles = [layer.module.register_forward_hook(self._forward_hook) for layer in self.layers.values()]
         self._warn = WarningCounter(logger)
+        self._paused = False
+        #: multiplies the damping schedule (the Levenberg–Marquardt rule of the optimizer classes adapts it)
+        self.damping_factor = 1.0
         self.steps = 0
         self._brand_updates = 0
         self._skipped_steps = 0
@@ -408,8 +414,71 @@ class KFACPreconditioner:
 
     # ================================================================== schedules
     def damping_at(self, step: int) -> float:
-        """The relative damping ``λ`` at ``step``."""
-        return self._damping(step)
+        """The relative damping ``λ`` at ``step``: the schedule times :attr:`damping_factor`."""
+        return self._damping(step) * self.damping_factor
+
+    def absolute_damping(self) -> dict[str, float]:
+        r"""Per layer, the damping ``λ · s_A · s_G`` in curvature units (0 before the first decomposition).
+
+        ``s`` is each factor's damping scale (``damping_scale``); it is the
+        ``λ`` of ``C = F + λI`` that the quadratic model of the optimizer classes
+        uses on the layer's parameters, consistent with what :meth:`step` inverts.
+        """
+        lam = self.damping_at(self.steps)
+        out = {}
+        for name, layer in self.layers.items():
+            eA, eG = _eigen(layer.A), _eigen(layer.G)
+            if eA is None or eG is None:
+                out[name] = 0.0
+            else:
+                sA = factor_scale(eA, self.damping_scale, self.complement)
+                sG = factor_scale(eG, self.damping_scale, self.complement)
+                out[name] = lam * sA * sG
+        return out
+
+    def model_curvature(self, deltas: Mapping[int, torch.Tensor]) -> float:
+        r"""``δᵀ(F̂ + λI)δ`` under the K-FAC model, ``F̂`` the current decompositions.
+
+        Parameters
+        ----------
+        deltas : mapping of ``id(parameter)`` to Tensor
+            A step for (some of) the model's parameters, each of its parameter's shape.
+
+        Returns
+        -------
+        float
+            ``Σ_l tr(δ_lᵀ G_l δ_l A_l) + λ_l ‖δ_l‖²`` over the preconditioned
+            layers with a decomposition (``δ_l = [δW | δb]``, ``λ_l`` from
+            :meth:`absolute_damping`); other parameters contribute nothing.
+            The cheap quadratic model of the Levenberg–Marquardt rule without
+            exact curvature products.  Cost ``O(d_G d_A (r_G + r_A))`` per layer.
+        """
+        lam = self.absolute_damping()
+        total = 0.0
+        for name, layer in self.layers.items():
+            eA, eG = _eigen(layer.A), _eigen(layer.G)
+            dw = deltas.get(id(layer.module.weight))
+            if eA is None or eG is None or dw is None:
+                continue
+            d = dw.reshape(layer.helper.g_dim, -1)
+            if layer.helper.has_bias:
+                db = deltas.get(id(layer.module.bias))
+                db = torch.zeros(d.shape[0], dtype=d.dtype, device=d.device) if db is None else db
+                d = torch.cat([d, db.reshape(-1, 1).to(d.dtype)], dim=1)
+            d = d.to(eA.approx.dtype)
+            gd = eG.approx.matmul(d)
+            gda = eA.approx.matmul(gd.T).T
+            total += float((gda * d).sum()) + lam[name] * float((d * d).sum())
+        return total
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within the block the hooks capture nothing (extra forward/backward passes, e.g. curvature products)."""
+        prev, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = prev
 
     def effective_lr(self, step: int) -> float:
         r"""The step length the KL clip bounds: ``lr / (1 - β)`` under heavy-ball momentum ``β``.
@@ -504,7 +573,7 @@ class KFACPreconditioner:
 
     # ================================================================== hooks
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if not (module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        if self._paused or not (module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
             return
         layer = self._by_module[module]
         plan = self._plan(self.steps)
@@ -525,6 +594,8 @@ class KFACPreconditioner:
         self._add_seconds(layer, "statistics", self._timer() - t0)
 
     def _grad_hook(self, layer: KFACLayer, idx: int | None, call: int, grad: torch.Tensor) -> None:
+        if self._paused:
+            return
         t0 = self._timer()
         plan = self._plan(self.steps)
         pending = layer.pending_a.pop(call, None)
@@ -670,8 +741,9 @@ class KFACPreconditioner:
         * a statistics step on which no layer captured anything (e.g. the model
           in ``eval()`` mode, or under ``torch.no_grad()``) is counted
           (``no_statistics``); the gradients are still preconditioned;
-        * no gradient on any layer (``step()`` without ``backward()``) returns
-          False and changes nothing (``no_gradient``);
+        * no gradient on any layer (``step()`` without ``backward()``, e.g.
+          after :meth:`fisher_backward` only) folds the captured statistics in
+          as scheduled and returns False: nothing to precondition (``no_gradient``);
         * a second call on gradients this preconditioner already rewrote
           (``step()`` twice) leaves them as they are (``repeated_step``) and
           returns True: the optimizer applies the preconditioned gradient once more,
@@ -683,13 +755,11 @@ class KFACPreconditioner:
                             "left unchanged (call loss.backward() before each step())", k)
             return True
         plan = self._plan(k)  # evaluates (and validates) the schedules at k
-        if not any(layer.module.weight.grad is not None for layer in self.layers.values()):
+        has_grad = any(layer.module.weight.grad is not None for layer in self.layers.values())
+        if not has_grad:
             self._warn.warn("no_gradient", "step %d: no preconditioned layer has a gradient (no backward() since the "
-                            "last step?); nothing done", k)
-            for layer in self.layers.values():
-                layer.reset_capture()
-            return False
-        if plan.capture and not any(layer.a_rows_seen or layer.pending_a for layer in self.layers.values()):
+                            "last step?); statistics folded in, nothing preconditioned", k)
+        if has_grad and plan.capture and not any(layer.a_rows_seen or layer.pending_a for layer in self.layers.values()):
             self._warn.warn("no_statistics", "step %d: a statistics step, but no layer captured a forward/backward "
                             "(model in eval() mode, or forward under no_grad?); factors not updated", k)
         for layer in self.layers.values():
@@ -705,7 +775,7 @@ class KFACPreconditioner:
                     self._update_layer(layer, plan, lam, k)
                 if plan.brand:
                     self._brand_updates += 1
-                return self._precondition_step(k, lam)
+                return self._precondition_step(k, lam) if has_grad else False
         finally:
             for layer in self.layers.values():
                 layer.reset_capture()
@@ -780,8 +850,10 @@ class KFACPreconditioner:
                 v = v * torch.clamp(self.rms_clip / rms, max=1.0).to(v.dtype)
             vs.append(v)
             layer.seconds["preconditioning"] += self._timer() - t1
-        if self.graft == "sgd":
+        if self.graft is not None:
             vs = [_graft(v, g) for v, (_, g) in zip(vs, entries)]
+            if self.graft == "unit":
+                vs = self._unit_scale(vs, entries)
         if self.kl_clip is not None and entries:
             lr = self.effective_lr(k)
             vg = sum(torch.dot(v.reshape(-1).float(), g.reshape(-1).float()) for v, (_, g) in zip(vs, entries)) * lr**2
@@ -793,6 +865,15 @@ class KFACPreconditioner:
             layer.written = (id(w), w._version)
         self._seconds["preconditioning"] += self._timer() - t0
         return True
+
+    def _unit_scale(self, vs: list[torch.Tensor], entries: list[tuple[KFACLayer, torch.Tensor]]) -> list[torch.Tensor]:
+        """Divide by the running RMS of the total gradient norm: steps of length ``≈ lr``, whatever the loss scale."""
+        sq = float(sum(torch.sum(g.float() * g.float()) for _, g in entries))
+        beta = _UNIT_DECAY
+        self._grad_sq = beta * self._grad_sq + (1 - beta) * sq
+        self._grad_sq_count += 1
+        rms = math.sqrt(self._grad_sq / (1 - beta**self._grad_sq_count))
+        return vs if rms == 0 else [v / rms for v in vs]
 
     def _already_written(self) -> bool:
         """Whether every layer's weight gradient is still the tensor, unmodified, that the last step wrote."""
@@ -902,6 +983,9 @@ class KFACPreconditioner:
             "steps": self.steps,
             "brand_updates": self._brand_updates,
             "skipped_steps": self._skipped_steps,
+            "damping_factor": self.damping_factor,
+            "grad_sq": (self._grad_sq, self._grad_sq_count),
+            "warnings": self._warn.as_dict(),
             "fisher_rng": gen_state,
             "layers": {
                 name: {
@@ -923,9 +1007,21 @@ class KFACPreconditioner:
             raise ValueError(
                 f"the state holds layers {sorted(state_dict['layers'])}, the model has {sorted(self.layers)}"
             )
+        for name, sd in state_dict["layers"].items():  # every shape checked before anything is changed
+            helper = self.layers[name].helper
+            for which, dim in (("A", helper.a_dim), ("G", helper.g_dim)):
+                for what, shape in _factor_shapes(sd[which]):
+                    if shape[0] != dim or (what == "ea" and shape != (dim, dim)):
+                        raise ValueError(
+                            f"layer {name!r}: the state's {which} factor {what} has shape {shape}, this model's "
+                            f"{which} factor has dimension {dim} (a state of a different model?)"
+                        )
         self.steps = int(state_dict["steps"])
         self._brand_updates = int(state_dict["brand_updates"])
         self._skipped_steps = int(state_dict["skipped_steps"])
+        self.damping_factor = float(state_dict.get("damping_factor", 1.0))
+        self._grad_sq, self._grad_sq_count = state_dict.get("grad_sq", (0.0, 0))
+        self._warn.load(state_dict.get("warnings", {}))
         self._plan_cache = None
         self._scale_cache = None
         self._fisher_gen = None
@@ -1089,6 +1185,21 @@ def factor_scale(e: FactorEigen, how: Literal["max", "mean"] = "max", complement
 
 
 _MEAN_EIG: dict[int, tuple[FactorEigen, float]] = {}
+#: decay of the running mean of the squared gradient norm of ``graft="unit"``
+_UNIT_DECAY = 0.99
+
+
+def _factor_shapes(sd: Mapping[str, Any] | None) -> list[tuple[str, tuple[int, ...]]]:
+    """``(what, shape)`` of every tensor in a factor's state whose first dimension is the factor's ``d``."""
+    if sd is None:
+        return []
+    out = []
+    if sd.get("ea") is not None:
+        out.append(("ea", tuple(sd["ea"].shape)))
+    for key in ("eigen", "brand"):
+        if sd.get(key) is not None:
+            out.append((f"{key} eigenvectors", tuple(sd[key]["eigvecs"].shape)))
+    return out
 
 
 def _graft(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
