@@ -44,6 +44,8 @@ from onlinela import LowRankPSD
 from onlinela import _backend as B
 from onlinela import brand_update, empty_lowrank, randomized_eigh, rayleigh_ritz_refresh
 
+from .logs import WarningCounter
+
 __all__ = [
     "AdaptiveRank",
     "BrandDenseFactor",
@@ -282,6 +284,9 @@ class FactorState(abc.ABC):
         Source of the randomized sketches (its state is part of :meth:`state_dict`).
     name : str
         For log messages, e.g. ``"features.0/A"``.
+    warn : WarningCounter, optional
+        Shared rate-limited log of skipped updates (the preconditioner's, so
+        its ``stats()`` counts them); a private one by default.
     """
 
     kind: ClassVar[str]
@@ -301,8 +306,10 @@ class FactorState(abc.ABC):
         device: torch.device,
         rng: np.random.Generator,
         name: str = "",
+        warn: WarningCounter | None = None,
     ) -> None:
         self.dim = dim
+        self._warn = warn if warn is not None else WarningCounter(logger)
         self.decay = decay
         self.rank_policy = rank
         self.dtype = dtype
@@ -451,7 +458,7 @@ class FactorState(abc.ABC):
 
     def _skip(self, what: str, step: int, why: str) -> None:
         self.skipped[what] += 1
-        logger.warning("step %d: skipped the %s update of factor %s (%s)", step, what, self.name, why)
+        self._warn.warn(f"skipped_{what}", "step %d: skipped the %s update of factor %s (%s)", step, what, self.name, why)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
