@@ -363,12 +363,14 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         parallel; the broadcasts follow in layer order (``d_G d_A`` elements each).
         """
         out = {}
-        for layer, g in entries:
+        for layer, g in entries:  # a layer without an owner has no factors yet: its gradient passes unchanged
             if self._owner(layer.name, "A") == self.rank:
                 out[layer.name] = super()._apply_layer(layer, g, lam, thin=False)
         t0 = self._timer()
         for layer, g in entries:
-            owner = self._owner(layer.name, "A")
+            owner = self.owners.get((layer.name, "A"))
+            if owner is None:
+                continue
             v = out[layer.name].contiguous() if owner == self.rank else torch.empty_like(g, memory_format=torch.contiguous_format)
             dist.broadcast(v, group=self.group, group_src=owner)
             self._count("preconditioned", v.numel() * v.element_size())
