@@ -1,32 +1,48 @@
-"""Randomized PSD eigensolvers on EA-built K-FAC-like factors: onlinela vs dense and randomized peers.
+"""Randomized PSD eigensolvers on EA-built K-FAC-like factors: the onlinela defaults against their peers.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/randomized_eigh.py            # d = 1024, 2048, 4096 (~10 min on 2 cores)
-    .venv/bin/python benchmarks/randomized_eigh.py --quick    # smoke run, d = 256, 512
+    .venv/bin/python benchmarks/randomized_eigh.py            # d = 2048, 4096, r = 220, and 6 streams (~25 min)
+    .venv/bin/python benchmarks/randomized_eigh.py --quick    # smoke run, d = 512, r = 40
 
-Writes ``benchmarks/results/randomized_eigh.json`` and ``.png``.  All solvers run in
-one process on the same matrices, float32, same BLAS threads.  For every solver:
-median (and min) wall time over ``--repeats`` runs after one warm-up, the relative
-spectral error ``||A - U diag(w) Uᵀ||_2 / λ_1`` (float64 Lanczos on the residual)
-and its ratio to the optimum ``λ_{r+1}/λ_1`` (Eckart–Young).  For the randomized
-solvers also the *floor*: the number of ``(d × d)·(d × k)`` products the
-configuration performs times the measured time of one such product on the same
-backend — the time no randomized method with that many products can beat.
+Writes ``benchmarks/results/randomized_eigh[_quick].json`` and ``.png``.  One process, one
+thread: ``OMP_NUM_THREADS = OPENBLAS_NUM_THREADS = MKL_NUM_THREADS = 1`` (set before NumPy is
+imported) and ``torch.set_num_threads(1)``, so that numbers on a machine shared with other
+jobs are comparable between solvers.  All solvers see the same float32 matrix.  Timing is
+round-robin: every round calls each randomized solver once (in a fixed order), ``--repeats``
+rounds after one warm-up call whose output gives the error; min and median are reported.
+Dense solvers (SciPy ``eigh(subset_by_index)``, ``torch.linalg.eigh``) run ``--dense-repeats``
+times.  The error is ``||A - U diag(w) Uᵀ||_2 / λ_1`` (float64 Lanczos on the residual) and
+its ratio to the optimum ``λ_{r+1}/λ_1`` (Eckart–Young).
+
+Peers, each at several settings so that its *cheapest setting within the error target*
+(1.2× optimal) can be read off: ``torch.svd_lowrank(A, q=r+10, niter=0..3)``, scikit-learn
+``randomized_svd(n_oversamples=10, n_iter=1, 2, 'auto')``, fbpca ``eigenn(k=r, l=r+10,
+n_iter=0, 1, 2)`` (reported absent when not installed: ``pip install fbpca``), SciPy
+``eigh(subset_by_index=top r, driver='evr')`` and ``torch.linalg.eigh``.  onlinela: the
+default call ``randomized_eigh(A, r, rng=0)`` on NumPy and torch input, the pre-0.2
+default (``subspace``, ``l = 10``, ``q = 2``) and two fixed configurations, and
+``adaptive_randomized_eigh(A, tol)`` with ``tol`` = the default's measured error, timed
+against the default (the fixed-rank call reaching that error).
 
 The test matrix (``ea_factor``): an exponential average ``M_k = ρ M_{k-1} + (1-ρ) X_k X_kᵀ``
-of ``n_steps`` rank-``s`` increments (``ρ = 0.95``, ``s = 256``, 64 steps: the oldest
-weight is ρ^63 ≈ 0.04).  Columns of ``X_k`` are samples of a latent signal with a
-power-law covariance (std of latent mode ``j`` is ``(1+j)^{-α}``, ``α = 0.5``) in a
-random orthogonal basis, times per-column scales ``0.99^c`` that decay across the
-batch, as activations of a trained layer do.  Timing numbers are never asserted.
+of ``n_steps`` rank-``s`` increments (``ρ = 0.95``, ``s = 256``, 64 steps).  Columns of ``X_k``
+are samples of a latent signal with a power-law covariance (std of latent mode ``j`` is
+``(1+j)^{-α}``, ``α = 0.5``) in a random orthogonal basis, times per-column scales
+``0.99^c``.  ``STREAMS`` re-measures the default and ``torch.svd_lowrank`` on other EA
+streams (decays, increment ranks, power laws, d) that no setting was chosen on.
+Timing numbers are never asserted.
 """
 
 from __future__ import annotations
 
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"  # before NumPy / torch load their BLAS
+
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -43,36 +59,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onlinela  # noqa: E402
-from onlinela.randomized import METHODS  # noqa: E402
 
-RANK = 220
+RANKS = (220,)  # other ranks (60) are measured on the STREAMS
 OVERSAMPLE = 10
-# onlinela configurations: (method, n_iter, oversample).  The public defaults first; then the
-# papers' q = 3; then configurations that trade power iterations for oversampling (wider
-# products run closer to peak and converge gap-free, which matters for the flat EA tail).
-ONLINELA_CONFIGS = [
-    ("subspace", 2, 10),  # randomized_eigh defaults
-    ("subspace", 3, 10),
-    ("nystrom", 1, 160),
-    ("nystrom", 2, 40),
-    ("nystrom", 3, 10),
-    ("svd", 1, 20),
-    ("krylov", 1, 40),
-    ("krylov", 2, 10),
+ERROR_FACTOR = 1.2
+# onlinela fixed configurations (method, n_iter, oversample), beside the default call
+FIXED_CONFIGS = [("subspace", 2, 10), ("nystrom", 1, 160), ("krylov", 2, 10)]
+# held-out EA streams: (d, seed, alpha, decay, increment rank s, r)
+STREAMS = [
+    (2048, 11, 0.4, 0.9, 128, 220),
+    (2048, 12, 0.65, 0.99, 64, 220),
+    (2048, 13, 0.3, 0.95, 512, 60),
+    (4096, 14, 0.45, 0.95, 512, 220),
+    (4096, 15, 0.3, 0.9, 256, 220),
+    (4096, 16, 0.6, 0.99, 128, 60),
 ]
-QUICK_CONFIGS = [("subspace", 2, 10), ("nystrom", 1, 160), ("svd", 1, 20), ("krylov", 2, 10)]
-# The configuration the bar is judged on, fixed before the final run (chosen on the seed-0 factor
-# at d = 4096 from an exploratory grid; ROBUSTNESS re-checks its error on other factors):
-# Nyström with one power iteration and a wide sketch, randomized_eigh(A, 220, method="nystrom",
-# n_iter=1, oversample=160): two products with 380 columns.
-BAR_CONFIG = ("nystrom", 1, 160)
-# other EA factors (seed, alpha) on which the error of every configuration is re-measured at the
-# largest d: the claim must hold on matrices the configurations were not chosen on
-ROBUSTNESS = [(1, 0.5), (2, 0.65), (3, 0.4)]
-
-
-def n_products(method: str, q: int) -> int:
-    return {"subspace": q + 2, "nystrom": q + 1, "svd": 2 * q + 2, "krylov": q + 2}[method]
 
 
 # --------------------------------------------------------------------------- test matrix
@@ -158,39 +159,66 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-# --------------------------------------------------------------------------- solvers
+def _top(w: np.ndarray, V: np.ndarray, r: int):
+    idx = np.argsort(w)[::-1][:r]
+    return V[:, idx], w[idx]
 
 
-def peers(A: np.ndarray, r: int, l: int) -> dict:
-    """Peer solvers: name -> (callable returning (U (d, r), w (r,)) as numpy, library, params)."""
-    d = A.shape[0]
-    out = {}
+def randomized_peers(A: np.ndarray, r: int) -> dict:
+    """name -> (callable returning (U (d, r), w (r,)), library, params); the settings sweep."""
+    out: dict = {}
+    l = OVERSAMPLE
+    try:
+        import torch
 
-    def top(w, V):
-        idx = np.argsort(w)[::-1][:r]
-        return V[:, idx], w[idx]
+        At = torch.from_numpy(A)
+        for niter in (0, 1, 2, 3):
 
-    out["numpy.linalg.eigh"] = (lambda: top(*np.linalg.eigh(A)), "numpy", {})
-    out["scipy.linalg.eigh(evd)"] = (lambda: top(*scipy.linalg.eigh(A, driver="evd", check_finite=False)), "scipy", {"driver": "evd"})
-    out["scipy.linalg.eigh(evr, top r)"] = (
-        lambda: top(*scipy.linalg.eigh(A, driver="evr", subset_by_index=[d - r, d - 1], check_finite=False)),
-        "scipy",
-        {"driver": "evr", "subset_by_index": "top r"},
-    )
+            def run(niter=niter):
+                torch.manual_seed(0)
+                U, s, V = torch.svd_lowrank(At, q=r + l, niter=niter)
+                return V[:, :r].numpy(), s[:r].numpy()
+
+            out[f"torch.svd_lowrank niter={niter}"] = (run, "torch.svd_lowrank", {"q": r + l, "niter": niter})
+    except ImportError:
+        pass
     try:
         from sklearn.utils.extmath import randomized_svd as sk_rsvd
 
-        def sk(n_iter):
-            def run():
+        for n_iter in (1, 2, "auto"):
+
+            def run(n_iter=n_iter):
                 U, s, Vt = sk_rsvd(A, r, n_oversamples=l, n_iter=n_iter, random_state=0)
                 return Vt.T, s
 
-            return run
-
-        out["sklearn randomized_svd (n_iter='auto')"] = (sk("auto"), "sklearn", {"n_components": r, "n_oversamples": l, "n_iter": "auto"})
-        out["sklearn randomized_svd (n_iter=2)"] = (sk(2), "sklearn", {"n_components": r, "n_oversamples": l, "n_iter": 2})
+            out[f"sklearn randomized_svd n_iter={n_iter}"] = (run, "sklearn", {"n_oversamples": l, "n_iter": n_iter})
     except ImportError:
         pass
+    try:
+        import fbpca
+
+        for n_iter in (0, 1, 2):
+
+            def run(n_iter=n_iter):
+                np.random.seed(0)
+                w, V = fbpca.eigenn(A, k=r, n_iter=n_iter, l=r + l)
+                return _top(w, V, r)[0], np.sort(w)[::-1][:r]
+
+            out[f"fbpca eigenn n_iter={n_iter}"] = (run, "fbpca", {"k": r, "l": r + l, "n_iter": n_iter})
+    except ImportError:
+        pass
+    return out
+
+
+def dense_peers(A: np.ndarray, r: int) -> dict:
+    d = A.shape[0]
+    out = {
+        "scipy eigh(subset_by_index, evr)": (
+            lambda: _top(*scipy.linalg.eigh(A, driver="evr", subset_by_index=[d - r, d - 1], check_finite=False), r),
+            "scipy",
+            {"driver": "evr", "subset_by_index": "top r"},
+        )
+    }
     try:
         import torch
 
@@ -200,20 +228,14 @@ def peers(A: np.ndarray, r: int, l: int) -> dict:
             w, V = torch.linalg.eigh(At)
             return V[:, -r:].flip(-1).numpy(), w[-r:].flip(-1).numpy()
 
-        def t_svd_lowrank():
-            torch.manual_seed(0)
-            U, s, V = torch.svd_lowrank(At, q=r + l, niter=2)
-            return V[:, :r].numpy(), s[:r].numpy()
-
         out["torch.linalg.eigh"] = (t_eigh, "torch", {})
-        out["torch.svd_lowrank"] = (t_svd_lowrank, "torch", {"q": r + l, "niter": 2})
     except ImportError:
         pass
     return out
 
 
-def onlinela_solvers(A: np.ndarray, r: int, configs) -> dict:
-    out = {}
+def onlinela_solvers(A: np.ndarray, r: int) -> dict:
+    out: dict = {}
     inputs = {"numpy": A}
     try:
         import torch
@@ -222,27 +244,39 @@ def onlinela_solvers(A: np.ndarray, r: int, configs) -> dict:
     except ImportError:
         pass
     for backend, X in inputs.items():
-        for method, q, l in configs:
+
+        def default(X=X):
+            M = onlinela.randomized_eigh(X, r, rng=0)
+            return M.eigvecs, M.eigvals
+
+        out[f"onlinela default [{backend}]"] = (default, "onlinela", {"call": "randomized_eigh(A, r, rng=0)", "backend": backend})
+        for method, q, l in FIXED_CONFIGS:
 
             def run(X=X, method=method, q=q, l=l):
                 M = onlinela.randomized_eigh(X, r, oversample=l, n_iter=q, method=method, rng=0)
                 return M.eigvecs, M.eigvals
 
-            name = f"onlinela {method} q={q} l={l} [{backend}]"
-            params = {"method": method, "n_iter": q, "oversample": l, "backend": backend, "products": n_products(method, q)}
-            out[name] = (run, "onlinela", params)
+            params = {"method": method, "n_iter": q, "oversample": l, "backend": backend}
+            out[f"onlinela {method} q={q} l={l} [{backend}]"] = (run, "onlinela", params)
     return out
 
 
-def product_fn(A: np.ndarray, k: int, backend: str):
-    """One (d × d)·(d × k) product on ``backend``: the unit of a randomized solver's floor."""
-    Om = np.random.default_rng(0).standard_normal((A.shape[0], k)).astype(np.float32)
-    if backend == "torch":
-        import torch
+def adaptive_solvers(A: np.ndarray, tols: dict) -> dict:
+    """adaptive_randomized_eigh(A, tol) with tol = the default's measured error on that backend."""
+    out: dict = {}
+    for backend, tol in tols.items():
+        X = A
+        if backend == "torch":
+            import torch
 
-        At, Ot = torch.from_numpy(A), torch.from_numpy(Om)
-        return lambda: At @ Ot
-    return lambda: A @ Om
+            X = torch.from_numpy(A)
+
+        def run(X=X, tol=tol):
+            M = onlinela.adaptive_randomized_eigh(X, tol, rng=0)
+            return M.eigvecs, M.eigvals
+
+        out[f"onlinela adaptive [{backend}]"] = (run, "onlinela", {"call": "adaptive_randomized_eigh(A, tol, rng=0)", "tol": tol, "backend": backend})
+    return out
 
 
 def _time(fn) -> float:
@@ -257,149 +291,136 @@ def _np(x) -> np.ndarray:
     return to_numpy(x)
 
 
-# --------------------------------------------------------------------------- main
+def top_eigvals(A64: np.ndarray, m: int) -> np.ndarray:
+    """The top ``m`` eigenvalues (descending), float64."""
+    d = A64.shape[0]
+    return scipy.linalg.eigh(A64, eigvals_only=True, subset_by_index=[d - m, d - 1], driver="evr")[::-1]
+
+
+def round_robin(solvers: dict, names: list[str], repeats: int) -> dict:
+    times: dict = {n: [] for n in names}
+    for _ in range(repeats):
+        for n in names:
+            times[n].append(_time(solvers[n][0]))
+    return times
 
 
 def run_size(d: int, r: int, args) -> dict:
-    print(f"[d={d}] building the EA factor ...", flush=True)
+    print(f"[d={d}, r={r}] building the EA factor ...", flush=True)
     A = ea_factor(d, seed=args.seed)
     A64 = A.astype(np.float64)
-    lam = np.linalg.eigvalsh(A64)[::-1]
+    lam = top_eigvals(A64, min(d, 2 * r + 1))
     opt = float(lam[r] / lam[0])
-    res: dict = {
-        "d": d,
-        "rank": r,
-        "dtype": "float32",
-        "lambda_1": float(lam[0]),
-        "optimal_rel_error": opt,
-        "spectrum_rel": {str(j + 1): float(lam[j] / lam[0]) for j in (0, 9, 49, 99, r - 1, r, r + 9, min(2 * r, d - 1)) if j < d},
-        "gap_r_over_r_plus_l": float(lam[r] / lam[r + OVERSAMPLE]) if r + OVERSAMPLE < d else None,
-        "rows": [],
-    }
-    configs = QUICK_CONFIGS if args.quick else ONLINELA_CONFIGS
-    ks = sorted({r + l for _, _, l in configs})
-    solvers = {**peers(A, r, OVERSAMPLE), **onlinela_solvers(A, r, configs)}
-    products = {}  # the floor's unit: one (d × d)·(d × k) product per backend and k
-    for backend in ("numpy", "torch"):
-        for k in ks:
-            try:
-                products[(backend, k)] = product_fn(A, k, backend)
-            except ImportError:
-                pass
-    # Warm-up every solver once (and keep its output for the error), then time.  Dense solvers
-    # run back to back; the randomized solvers and the floor products run round-robin, one call
-    # each per round, so that load from other processes on a shared machine hits all alike —
-    # within one thread pool at a time (torch's OpenMP / NumPy's OpenBLAS): alternating pools
-    # makes the idle pool's spinning threads slow the other one down.
-    outputs = {name: fn() for name, (fn, _, _) in solvers.items()}
-    for f in products.values():
-        f()
-    times: dict = {name: [] for name in solvers}
-    ptimes: dict = {key: [] for key in products}
-    dense = [n for n, (_, lib, _) in solvers.items() if lib in ("numpy", "scipy") or n == "torch.linalg.eigh"]
-    fast = [n for n in solvers if n not in dense]
-    for name in dense:
-        for _ in range(args.dense_repeats):
-            times[name].append(_time(solvers[name][0]))
-    def pool(name: str) -> str:
-        return "torch" if name.startswith("torch") or name.endswith("[torch]") else "numpy"
-
-    for group in ("numpy", "torch"):
-        members = [n for n in fast if pool(n) == group]
-        prods = [key for key in products if key[0] == group]
-        for f in [solvers[n][0] for n in members] + [products[key] for key in prods]:
-            f()  # re-warm this pool
-        for _ in range(args.repeats):
-            for name in members:
-                times[name].append(_time(solvers[name][0]))
-            for key in prods:
-                for _ in range(2):
-                    ptimes[key].append(_time(products[key]))
-    floors = {key: min(v) for key, v in ptimes.items()}  # fastest product: the floor is a lower bound
-    res["product_time_s"] = {f"{b} k={k}": v for (b, k), v in floors.items()}
-    for name, (fn, lib, params) in solvers.items():
-        U, w = outputs[name]
-        err = spectral_error(A64, _np(U), _np(w)) / lam[0]
+    res: dict = {"d": d, "rank": r, "dtype": "float32", "lambda_1": float(lam[0]), "optimal_rel_error": opt, "rows": []}
+    fast = {**randomized_peers(A, r), **onlinela_solvers(A, r)}
+    outputs = {n: f() for n, (f, _, _) in fast.items()}  # warm-up; its output gives the error
+    errors = {n: spectral_error(A64, _np(U), _np(w)) / lam[0] for n, (U, w) in outputs.items()}
+    tols = {b: errors[f"onlinela default [{b}]"] for b in ("numpy", "torch") if f"onlinela default [{b}]" in errors}
+    adaptive = adaptive_solvers(A, tols)
+    for n, (f, _, _) in adaptive.items():
+        U, w = f()
+        errors[n] = spectral_error(A64, _np(U), _np(w)) / lam[0]
+        outputs[n] = (U, w)
+    fast.update(adaptive)
+    times = round_robin(fast, list(fast), args.repeats)
+    dense = dense_peers(A, r)
+    for n, (f, _, _) in dense.items():
+        U, w = f()
+        errors[n] = spectral_error(A64, _np(U), _np(w)) / lam[0]
+        outputs[n] = (U, w)
+        times[n] = [_time(f) for _ in range(args.dense_repeats)]
+    for n, (_, lib, params) in {**fast, **dense}.items():
         row = {
-            "name": name,
+            "name": n,
             "library": lib,
             "params": params,
-            "time_median_s": statistics.median(times[name]),
-            "time_min_s": min(times[name]),
-            "times_s": times[name],
-            "rel_error": err,
-            "error_over_optimal": err / opt,
+            "rank_returned": int(np.asarray(_np(outputs[n][1])).shape[-1]),
+            "time_median_s": statistics.median(times[n]),
+            "time_min_s": min(times[n]),
+            "times_s": times[n],
+            "rel_error": float(errors[n]),
+            "error_over_optimal": float(errors[n] / opt),
         }
-        if lib == "onlinela":
-            floor = params["products"] * floors[(params["backend"], params["oversample"] + r)]
-            row["floor_s"] = floor
-            row["time_over_floor"] = row["time_median_s"] / floor
         res["rows"].append(row)
-        extra = f" floor {row['floor_s']:.3f}s ratio {row['time_over_floor']:.2f}" if "floor_s" in row else ""
-        print(f"  {name:45s} {row['time_median_s']:8.3f}s (min {row['time_min_s']:.3f})  err/opt {row['error_over_optimal']:.3f}{extra}", flush=True)
-    res["summary"] = summarise(res, args.error_factor)
+        print(f"  {n:42s} {row['time_median_s']:8.3f}s (min {row['time_min_s']:.3f})  err/opt {row['error_over_optimal']:.3f}", flush=True)
+    res["summary"] = summarise(res)
     return res
 
 
-def summarise(res: dict, factor: float) -> dict:
+def cheapest_accurate(rows: list[dict], library: str) -> dict | None:
+    ok = [x for x in rows if x["library"] == library and x["error_over_optimal"] <= ERROR_FACTOR]
+    return min(ok, key=lambda x: x["time_median_s"]) if ok else None
+
+
+def summarise(res: dict) -> dict:
     rows = res["rows"]
-    peer_rows = [x for x in rows if x["library"] != "onlinela"]
-    fastest = min(peer_rows, key=lambda x: x["time_median_s"])
-    summary: dict = {
-        "error_factor": factor,
-        "fastest_peer": fastest["name"],
-        "fastest_peer_time_s": fastest["time_median_s"],
-        "fastest_peer_error_over_optimal": fastest["error_over_optimal"],
-        "per_backend": {},  # fastest configuration meeting the error target (selected post hoc)
-    }
-    for backend in sorted({x["params"]["backend"] for x in rows if x["library"] == "onlinela"}):
-        ours = [x for x in rows if x["library"] == "onlinela" and x["params"]["backend"] == backend]
-        ok = [x for x in ours if x["error_over_optimal"] <= factor]
-        entry: dict = {"best": None, "bar_met": False}
-        if ok:
-            best = min(ok, key=lambda x: x["time_median_s"])
-            speedup = fastest["time_median_s"] / best["time_median_s"]
-            entry = {
-                "best": best["name"],
-                "time_s": best["time_median_s"],
-                "error_over_optimal": best["error_over_optimal"],
-                "speedup_vs_fastest_peer": speedup,
-                "time_over_floor": best["time_over_floor"],
-                "bar_met": bool(speedup >= 2.0 and best["time_over_floor"] <= 2.0),
+    by = {x["name"]: x for x in rows}
+    peers = sorted({x["library"] for x in rows if x["library"] != "onlinela"})
+    cheapest = {lib: cheapest_accurate(rows, lib) for lib in peers}
+    out: dict = {"error_factor": ERROR_FACTOR, "peers_cheapest_accurate": {}, "default": {}, "adaptive": {}}
+    for lib, row in cheapest.items():
+        out["peers_cheapest_accurate"][lib] = None if row is None else {
+            "name": row["name"], "time_median_s": row["time_median_s"], "error_over_optimal": row["error_over_optimal"]
+        }
+    svdlr = cheapest.get("torch.svd_lowrank")
+    accurate_peers = [row for row in cheapest.values() if row is not None]
+    best_peer = min(accurate_peers, key=lambda x: x["time_median_s"]) if accurate_peers else None
+    for backend in ("numpy", "torch"):
+        row = by.get(f"onlinela default [{backend}]")
+        if row is None:
+            continue
+        entry = {"time_median_s": row["time_median_s"], "time_min_s": row["time_min_s"], "error_over_optimal": row["error_over_optimal"],
+                 "accurate": bool(row["error_over_optimal"] <= ERROR_FACTOR)}
+        if svdlr is not None:
+            entry["speedup_vs_svd_lowrank_cheapest_accurate"] = svdlr["time_median_s"] / row["time_median_s"]
+            entry["bar_met"] = bool(entry["accurate"] and entry["speedup_vs_svd_lowrank_cheapest_accurate"] >= 2.0)
+        if best_peer is not None:
+            entry["fastest_accurate_peer"] = best_peer["name"]
+            entry["speedup_vs_fastest_accurate_peer"] = best_peer["time_median_s"] / row["time_median_s"]
+        out["default"][backend] = entry
+        ad = by.get(f"onlinela adaptive [{backend}]")
+        if ad is not None:
+            out["adaptive"][backend] = {
+                "tol": ad["params"]["tol"], "rank_returned": ad["rank_returned"], "rel_error": ad["rel_error"],
+                "time_median_s": ad["time_median_s"], "time_over_fixed_rank_default": ad["time_median_s"] / row["time_median_s"],
+                "met": bool(ad["rel_error"] <= ad["params"]["tol"] * 1.05 and ad["time_median_s"] <= 2 * row["time_median_s"]),
             }
-        dflt = [x for x in ours if (x["params"]["method"], x["params"]["n_iter"], x["params"]["oversample"]) == ("subspace", 2, 10)]
-        if dflt:
-            entry["public_defaults"] = {"time_s": dflt[0]["time_median_s"], "error_over_optimal": dflt[0]["error_over_optimal"]}
-        summary["per_backend"][backend] = entry
-    summary["bar_met_post_hoc"] = any(e["bar_met"] for e in summary["per_backend"].values())
-    bar = {}
-    for x in rows:
-        if x["library"] == "onlinela" and (x["params"]["method"], x["params"]["n_iter"], x["params"]["oversample"]) == BAR_CONFIG:
-            speedup = fastest["time_median_s"] / x["time_median_s"]
-            bar[x["params"]["backend"]] = {
-                "name": x["name"],
-                "time_s": x["time_median_s"],
-                "error_over_optimal": x["error_over_optimal"],
-                "speedup_vs_fastest_peer": speedup,
-                "time_over_floor": x["time_over_floor"],
-                "met": bool(x["error_over_optimal"] <= factor and speedup >= 2.0 and x["time_over_floor"] <= 2.0),
-            }
-    summary["bar_config"] = {"method": BAR_CONFIG[0], "n_iter": BAR_CONFIG[1], "oversample": BAR_CONFIG[2], "per_backend": bar}
-    return summary
+    return out
 
 
-def robustness(d: int, r: int, configs, cases) -> list[dict]:
-    """error / optimal of every onlinela configuration on other EA factors (torch input, seed = case seed)."""
+def streams(repeats: int, cases) -> list[dict]:
+    """The default and torch.svd_lowrank (niter 0..3) on other EA streams: error and round-robin time."""
+    import torch
+
     out = []
-    for seed, alpha in cases:
-        A = ea_factor(d, seed=seed, alpha=alpha)
+    for d, seed, alpha, decay, s, r in cases:
+        A = ea_factor(d, seed=seed, alpha=alpha, decay=decay, s=s)
         A64 = A.astype(np.float64)
-        lam = np.linalg.eigvalsh(A64)[::-1]
-        row = {"seed": seed, "alpha": alpha, "optimal_rel_error": float(lam[r] / lam[0]), "error_over_optimal": {}}
-        for method, q, l in configs:
-            M = onlinela.randomized_eigh(A, r, oversample=l, n_iter=q, method=method, rng=seed)
-            row["error_over_optimal"][f"{method} q={q} l={l}"] = spectral_error(A64, M.eigvecs, M.eigvals) / lam[r]
-        print(f"  robustness seed={seed} alpha={alpha}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["error_over_optimal"].items()), flush=True)
+        lam = top_eigvals(A64, r + 1)
+        At = torch.from_numpy(A)
+        solvers = {
+            "default [numpy]": lambda: (lambda M: (M.eigvecs, M.eigvals))(onlinela.randomized_eigh(A, r, rng=seed)),
+            "default [torch]": lambda: (lambda M: (M.eigvecs, M.eigvals))(onlinela.randomized_eigh(At, r, rng=seed)),
+        }
+        for niter in (0, 1, 2, 3):
+
+            def run(niter=niter):
+                torch.manual_seed(seed)
+                U, S, V = torch.svd_lowrank(At, q=r + OVERSAMPLE, niter=niter)
+                return V[:, :r], S[:r]
+
+            solvers[f"svd_lowrank niter={niter}"] = run
+        err = {n: spectral_error(A64, _np(U), _np(w)) / lam[r] for n, (U, w) in ((n, f()) for n, f in solvers.items())}
+        times = {n: min(v) for n, v in round_robin({n: (f,) for n, f in solvers.items()}, list(solvers), repeats).items()}
+        ok = [n for n in solvers if n.startswith("svd_lowrank") and err[n] <= ERROR_FACTOR]
+        ref = min(ok, key=lambda n: times[n]) if ok else None
+        row = {"d": d, "seed": seed, "alpha": alpha, "decay": decay, "s": s, "rank": r, "optimal_rel_error": float(lam[r] / lam[0]),
+               "error_over_optimal": err, "time_min_s": times, "svd_lowrank_cheapest_accurate": ref}
+        for b in ("numpy", "torch"):
+            row[f"speedup_{b}"] = times[ref] / times[f"default [{b}]"] if ref else None
+        print(f"  stream d={d} r={r} seed={seed} alpha={alpha} decay={decay} s={s}: default err/opt "
+              f"{err['default [numpy]']:.3f}/{err['default [torch]']:.3f}, svd_lowrank cheapest accurate {ref}, speedup "
+              + "/".join(f"{row[f'speedup_{b}']:.2f}" if row[f'speedup_{b}'] else "-" for b in ("numpy", "torch")), flush=True)
         out.append(row)
     return out
 
@@ -410,72 +431,85 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    names = [row["name"] for row in results[0]["rows"]]
-    ds = [res["d"] for res in results]
-    for name in names:
-        t = [next(x["time_median_s"] for x in res["rows"] if x["name"] == name) for res in results]
-        style = "-o" if name.startswith("onlinela") else "--s"
-        ax1.plot(ds, t, style, label=name, ms=4, lw=1)
-    ax1.set(xscale="log", yscale="log", xlabel="d", ylabel="median time [s]", title=f"float32, r = {results[0]['rank']}")
-    ax1.legend(fontsize=6, ncol=2)
-    last = results[-1]
-    for row in last["rows"]:
-        c = "C0" if row["library"] == "onlinela" else "C3"
-        ax2.scatter(row["time_median_s"], row["error_over_optimal"], c=c, s=18)
-        ax2.annotate(row["name"].replace("onlinela ", ""), (row["time_median_s"], row["error_over_optimal"]), fontsize=5)
-    ax2.axhline(last["summary"]["error_factor"], color="k", ls=":", lw=1)
-    ax2.set(xscale="log", xlabel="median time [s]", ylabel="error / optimal (λ_{r+1})", title=f"d = {last['d']}: accuracy vs time")
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.8), squeeze=False)
+    markers = {"onlinela": "o", "torch.svd_lowrank": "s", "sklearn": "^", "fbpca": "D", "scipy": "v", "torch": "P"}
+    colors = {"onlinela": "C0", "torch.svd_lowrank": "C3", "sklearn": "C2", "fbpca": "C4", "scipy": "C5", "torch": "C1"}
+    for ax, res in zip(axes[0], results):
+        for lib in markers:
+            rows = [x for x in res["rows"] if x["library"] == lib]
+            if not rows:
+                continue
+            ax.scatter([x["time_median_s"] for x in rows], [x["error_over_optimal"] for x in rows], marker=markers[lib], c=colors[lib], s=22, label=lib)
+            for x in rows:
+                if lib == "onlinela" or "torch.svd" in lib:
+                    ax.annotate(x["name"].replace("onlinela ", "").replace("torch.svd_lowrank ", ""), (x["time_median_s"], x["error_over_optimal"]), fontsize=5)
+        ax.axhline(ERROR_FACTOR, color="k", ls=":", lw=1, label=f"target {ERROR_FACTOR}× optimal")
+        ax.set(xscale="log", yscale="log", xlabel="median time [s] (1 thread)", ylabel="error / optimal  (λ_{r+1})",
+               title=f"d = {res['d']}, r = {res['rank']}, float32")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: d = 256, 512, r = 40, few repeats")
+    p.add_argument("--quick", action="store_true", help="smoke run: d = 512, r = 40, few repeats, two streams")
     p.add_argument("--sizes", type=int, nargs="+", default=None)
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per randomized solver (after a warm-up)")
+    p.add_argument("--ranks", type=int, nargs="+", default=None)
+    p.add_argument("--repeats", type=int, default=None, help="round-robin rounds of the randomized solvers")
     p.add_argument("--dense-repeats", type=int, default=None, help="timed runs per dense eigensolver")
-    p.add_argument("--error-factor", type=float, default=1.2, help="accuracy target, error / optimal")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="default benchmarks/results/randomized_eigh[_quick].json")
     args = p.parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
     if args.out is None:
         args.out = ROOT / "benchmarks" / "results" / ("randomized_eigh_quick.json" if args.quick else "randomized_eigh.json")
-    sizes = args.sizes or ([256, 512] if args.quick else [1024, 2048, 4096])
-    r = args.rank or (40 if args.quick else RANK)
-    args.repeats = args.repeats or (2 if args.quick else 7)
-    args.dense_repeats = args.dense_repeats or (1 if args.quick else 3)
+    sizes = args.sizes or ([512] if args.quick else [2048, 4096])
+    ranks = args.ranks or ([40] if args.quick else list(RANKS))
+    args.repeats = args.repeats or (2 if args.quick else 4)
+    args.dense_repeats = args.dense_repeats or 1
     results = []
-    for d in sizes:
-        load0 = os.getloadavg()
-        res = run_size(d, r, args)
-        res["loadavg_before_after"] = [list(load0), list(os.getloadavg())]
-        results.append(res)
-    configs = QUICK_CONFIGS if args.quick else ONLINELA_CONFIGS
-    robust = robustness(sizes[-1], r, configs, ROBUSTNESS[:1] if args.quick else ROBUSTNESS)
+    for r in ranks:
+        for d in sizes:
+            load0 = os.getloadavg()
+            res = run_size(d, r, args)
+            res["loadavg_before_after"] = [list(load0), list(os.getloadavg())]
+            results.append(res)
+    cases = [(512, 11, 0.4, 0.9, 128, 40), (512, 12, 0.65, 0.99, 64, 40)] if args.quick else STREAMS
+    stream_rows = streams(args.repeats, cases)
+    try:
+        import fbpca  # noqa: F401
+
+        fb = "installed"
+    except ImportError:
+        fb = "absent (pip install fbpca)"
     payload = {
         "benchmark": "randomized_eigh",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "quick": args.quick,
+        "threads": "OMP/OPENBLAS/MKL_NUM_THREADS=1, torch.set_num_threads(1)",
+        "fbpca": fb,
         "environment": environment(),
-        "methods": list(METHODS),
         "matrix": "EA of 64 rank-256 increments, decay 0.95, power-law latent covariance (alpha=0.5), column scales 0.99^c",
         "results": results,
-        "robustness": {"d": sizes[-1], "rank": r, "cases": robust},
+        "streams": stream_rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2))
     plot(results, args.out.with_suffix(".png"))
     for res in results:
-        s = res["summary"]
-        for be, e in s["bar_config"]["per_backend"].items():
-            print(
-                f"d={res['d']} bar config {BAR_CONFIG} [{be}]: {e['time_s']:.3f}s, error/optimal {e['error_over_optimal']:.3f}, "
-                f"{e['speedup_vs_fastest_peer']:.2f}x faster than {s['fastest_peer']} ({s['fastest_peer_time_s']:.3f}s), "
-                f"{e['time_over_floor']:.2f}x its product floor -> {'met' if e['met'] else 'NOT met'}"
-            )
+        for be, e in res["summary"]["default"].items():
+            print(f"d={res['d']} r={res['rank']} default [{be}]: {e['time_median_s']:.3f}s, error/optimal {e['error_over_optimal']:.3f}, "
+                  f"{e.get('speedup_vs_svd_lowrank_cheapest_accurate', float('nan')):.2f}x the cheapest accurate torch.svd_lowrank "
+                  f"-> {'met' if e.get('bar_met') else 'NOT met'}")
+        for be, e in res["summary"]["adaptive"].items():
+            print(f"d={res['d']} r={res['rank']} adaptive [{be}]: tol {e['tol']:.4g} -> rank {e['rank_returned']}, error {e['rel_error']:.4g}, "
+                  f"{e['time_over_fixed_rank_default']:.2f}x the default's time")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -1,9 +1,13 @@
 r"""Randomized low-rank approximation of matrices and of symmetric PSD matrices.
 
-Halko, Martinsson & Tropp (2011) range finder and SVD, and four eigensolvers
+Halko, Martinsson & Tropp (2011) range finder and SVD, and five eigensolvers
 for a symmetric positive semidefinite (PSD) ``A`` (RS-KFAC / SRE-KFAC, Puiu
 2022; Nyström, Tropp et al. 2017 and Frangella et al. 2021; block Krylov,
 Musco & Musco 2015):
+
+``"auto"``      the default: block Lanczos with blocks of ``max(16, r/3)``
+                columns, grown until every top-``r`` Ritz pair has residual
+                ``<= 0.15 θ_{r+1}`` (dense ``eigh`` for small ``d``).
 
 ``"subspace"``  symmetric randomized EVD: ``Q = orth(A^{q+1} Ω)`` by subspace
                 iteration, Rayleigh–Ritz ``eigh(QᵀAQ)``.
@@ -346,6 +350,7 @@ def _next_block(xp: ModuleType, K: Any, W: Any, gen: np.random.Generator) -> Any
 _AUTO_RES_TOL = 0.15
 _DEFAULT_OVERSAMPLE = 10  # l and q of the fixed-sketch methods when not given (the RS/SRE-KFAC papers')
 _DEFAULT_N_ITER = 2
+_AUTO_FIRST_CHECK = 2.3  # the residual test starts at 2.3r columns (an eigh of T per test; rarely passes before)
 _AUTO_MIN_BLOCK = 16  # narrower products run far below GEMM peak
 _AUTO_DENSE_DIM = 256  # at or below this d (or when 3r >= d) a dense eigh is cheaper and exact
 _AUTO_MAX_FACTOR = 4  # the basis never exceeds 4r columns (then the result is returned, logged)
@@ -380,7 +385,7 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
     found: dict[str, Any] = {}
 
     def accept(K: Any, T: Any, nxt: Any, image: Any, last: int, ncols: int) -> bool:
-        if ncols <= rank or ncols < min(2 * rank, cap):
+        if ncols <= rank or ncols < min(math.ceil(_AUTO_FIRST_CHECK * rank), cap):
             return False
         ok, found["eig"] = _ritz_converged(xp, T, nxt, image, rank, last)
         return ok
@@ -388,6 +393,7 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
     K, T, ok = _grow_lanczos(xp, A, _auto_block(rank, d), cap, gen, accept)
     if not ok:
         logger.debug("randomized_eigh(auto): basis reached %d columns before the residual test passed", cap)
+    logger.debug("randomized_eigh(auto): rank %d, basis %d columns", rank, int(K.shape[-1]))
     w, W = found["eig"] if ok and "eig" in found and int(found["eig"][0].shape[-1]) == int(T.shape[-1]) else B.eigh(xp, T)
     return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
 
