@@ -40,8 +40,6 @@ from .kronecker import (
     KroneckerBlock,
     KroneckerFactors,
     LinearBlock,
-    apply_inverse,
-    damped_solve,
 )
 from .norm import ScaleShiftBlock
 
@@ -62,11 +60,9 @@ __all__ = [
     "StepFlags",
     "TensorEA",
     "Uncovered",
-    "apply_inverse",
     "block_for",
     "block_or_reason",
     "build_blocks",
-    "damped_solve",
     "dense_factor_maker",
     "register_block",
     "registered_blocks",

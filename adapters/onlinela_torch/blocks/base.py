@@ -144,6 +144,11 @@ class BlockContext:
         Eigenvalue of directions a low-rank factor did not compute.
     make_factor : FactorMaker, optional
         Builds each big Kronecker factor; default :func:`dense_factor_maker`.
+    kron_solve : callable (G, A, X, damping) -> Tensor, optional
+        The damped Kronecker inverse applied to a gradient matrix ``X`` of shape
+        ``(d_G, d_A)`` from two ``FactorEigen`` snapshots; default
+        ``onlinela_torch.preconditioner.apply_inverse`` with ``damping_convention``
+        and ``complement`` (the orchestrator passes its own, e.g. with its damping scale).
     timer : callable
         Clock of the per-phase seconds in each block's ``stats()``.
 
@@ -168,6 +173,7 @@ class BlockContext:
     damping_convention: Literal["product", "factor"] = "product"
     complement: Literal["min", "zero"] = "min"
     make_factor: FactorMaker | None = None
+    kron_solve: Callable[..., torch.Tensor] | None = None
     timer: Callable[[], float] = time.perf_counter
     sampling: float | None = field(default=None, init=False)
     forward_count: int = field(default=0, init=False)
@@ -188,6 +194,16 @@ class BlockContext:
                 raise TypeError(f"`{name}` must be callable, got {type(getattr(self, name)).__name__}")
         if self.make_factor is None:
             self.make_factor = dense_factor_maker(self)
+        if self.kron_solve is None:
+            self.kron_solve = self._apply_inverse
+        for name in ("make_factor", "kron_solve"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"`{name}` must be callable, got {type(getattr(self, name)).__name__}")
+
+    def _apply_inverse(self, G: Any, A: Any, X: torch.Tensor, damping: float) -> torch.Tensor:
+        from ..preconditioner import apply_inverse  # the one implementation (imported late: no cycle)
+
+        return apply_inverse(G, A, X, damping, self.damping_convention, self.complement)
 
     def capturing(self) -> bool:
         """Whether statistics are collected on this step (``plan().ea or plan().brand``)."""

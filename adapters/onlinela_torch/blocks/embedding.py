@@ -31,7 +31,7 @@ from torch import nn
 
 from .base import BlockContext, CurvatureBlock, capture_allowed, register_block
 from .diagonal import TensorEA
-from .kronecker import FactorSlot, _complement, damped_solve
+from .kronecker import FactorSlot
 
 __all__ = ["EmbeddingBlock"]
 
@@ -116,13 +116,15 @@ class EmbeddingBlock(CurvatureBlock):
         U, g = e.approx.eigvecs, e.approx.eigvals
         if self.ctx.damping_convention == "factor":
             rel = math.sqrt(damping)
+            from ..preconditioner import damped_solve  # the one implementation (imported late: no cycle)
+
             V = damped_solve(e, X, rel * e.max_eig, self.ctx.complement, side="right") / (a + rel * a_max)[:, None]
         else:
             lam = damping * a_max * e.max_eig
             P = X @ U  # (V, r)
             V = (P / (a[:, None] * g[None, :] + lam)) @ U.T
             if e.approx.rank < e.approx.dim:
-                c = _complement(e, self.ctx.complement)
+                c = e.min_eig if self.ctx.complement == "min" else 0.0  # eigenvalue outside span(U)
                 V = V + (X - P @ U.T) / (a[:, None] * c + lam)
         return {w: V.to(grads[w].dtype)}
 
