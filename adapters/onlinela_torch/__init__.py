@@ -4,9 +4,11 @@ from .distributed import AssignmentPolicy, DistributedKFACPreconditioner, Greedy
 from .factors import AdaptiveRank, ErrorTargetRank, FactorEigen, FactorState, RankPolicy
 from .kldwrm import KLDWRM, KLDWRMConfig
 from .optimizers import BKFAC, BKFACC, BRKFAC, KFAC, RSKFAC, SREKFAC, NystromKFAC
-from .preconditioner import BrandConfig, KFACLayer, KFACPreconditioner, apply_inverse, damped_solve
+from .preconditioner import BrandConfig, KFACLayer, KFACPreconditioner, apply_inverse, damped_solve, factor_scale
+from .quadratic import AdaptiveDamping
 
 __all__: list[str] = [
+    "AdaptiveDamping",
     "AdaptiveRank",
     "AssignmentPolicy",
     "BKFAC",
@@ -30,4 +32,5 @@ __all__: list[str] = [
     "apply_inverse",
     "damped_solve",
     "distribute",
+    "factor_scale",
 ]

@@ -448,7 +448,8 @@ class KLDWRM:
         self._local: dict[str, tuple[_LocalFactor, _LocalFactor]] = {}
         self._pending: dict[str, torch.Tensor] | None = None
         self._counts_now: dict[str, int] = {}
-        self._counters = {"skipped_steps": 0, "local_skipped": 0, "inner_fallbacks": 0, "augment_failures": 0}
+        self._counters = {"skipped_steps": 0, "local_skipped": 0, "inner_fallbacks": 0, "inner_capped": 0,
+                          "augment_failures": 0}
         self._seconds = {"statistics": 0.0, "decomposition": 0.0, "preconditioning": 0.0, "inner": 0.0}
 
     # ================================================================== learning rates
@@ -689,6 +690,9 @@ class KLDWRM:
                 theta0 = {n: _param_matrix(layers[n].helper) for n in names}
                 x = {n: theta0[n] - self._lrs[n] * layers[n].helper.grad_matrix() for n in names}
                 buf = {n: torch.zeros_like(x[n]) for n in names}
+                # trust region of the inner loop: no inner step longer than the Q step itself, so a stiff
+                # KL or local-curvature term cannot make the heavy-ball iteration diverge
+                radius = {n: float((x[n] - theta0[n]).norm()) for n in names}
             for _ in range(cfg.inner_steps):
                 with torch.no_grad():
                     for n in names:
@@ -708,7 +712,13 @@ class KLDWRM:
                             A, G = local
                             h = h + cfg.local_curvature * G.left(A.right(x[n] - theta0[n]))
                         buf[n].mul_(cfg.inner_momentum).add_(h)
-                        x[n].sub_(buf[n], alpha=cfg.inner_lr * self._lrs[n])
+                        step = buf[n] * (cfg.inner_lr * self._lrs[n])
+                        norm = float(step.norm())
+                        if not norm <= radius[n]:  # also catches a non-finite step
+                            self._counters["inner_capped"] += 1
+                            step = step * (radius[n] / norm) if math.isfinite(norm) and norm > 0 else torch.zeros_like(step)
+                            buf[n].copy_(step / (cfg.inner_lr * self._lrs[n]))
+                        x[n].sub_(step)
             with torch.no_grad():
                 steps = {n: (x[n] - theta0[n]) / -self._lrs[n] for n in names}
                 if bool(torch.stack([torch.isfinite(s).all() for s in steps.values()]).all()):
@@ -793,7 +803,7 @@ class KLDWRM:
                 f"the state's snapshots hold {len(history[0])} parameters, the model has {len(self._params)}"
             )
         self.preconditioner.load_state_dict(state_dict["preconditioner"])
-        self._counters = dict(state_dict["counters"])
+        self._counters = {**self._counters, **dict(state_dict["counters"])}
         for name, sd in state_dict["layers"].items():
             layer = self.preconditioner.layers[name]
             device = layer.module.weight.device
@@ -820,7 +830,7 @@ class KLDWRM:
         -------
         dict
             ``{"variant", "method", "rho", "step", "skipped_steps",
-            "local_skipped", "inner_fallbacks", "augment_failures", "seconds",
+            "local_skipped", "inner_fallbacks", "inner_capped", "augment_failures", "seconds",
             "layers", "preconditioner"}``.  ``seconds`` adds KLD-WRM's time to the
             preconditioner's phases (local statistics to ``statistics``, Q's
             augmented factors to ``decomposition``, the corrected gradient to
