@@ -220,6 +220,26 @@ def test_registry_and_build_errors():
         ex.build_stepper("nope", torch.nn.Linear(2, 2), lr=0.1)
 
 
+def test_adamw_is_a_baseline_with_its_own_weight_decay_default():
+    specs = ex.available_optimizers()
+    assert list(specs)[:3] == ["sgd", "adam", "adamw"] and specs["adamw"].family == "baseline"
+    model = torch.nn.Linear(3, 2)
+    opt = ex.build_stepper("adamw", model, lr=0.01).optimizer
+    assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.01 == specs["adamw"].weight_decay
+    assert ex.build_stepper("adamw", model, lr=0.01, weight_decay=0.0).optimizer.param_groups[0]["weight_decay"] == 0
+    for name in ("sgd", "adam"):  # the other baselines keep no weight decay by default
+        assert ex.build_stepper(name, model, lr=0.01).optimizer.param_groups[0]["weight_decay"] == 0
+
+
+def test_weight_decay_option_reaches_adamw(tmp_path, capsys):
+    base = ["compare", *TINY, "--max-train", "64", "--epochs", "1", "--optimizers", "adamw", "--lr", "0.01"]
+    for extra, expected in (([], 0.01), (["--weight-decay", "0.2"], 0.2)):
+        code, out, _ = run([*base, *extra, "--out", str(tmp_path)], capsys)
+        assert code == 0 and "adamw" in out
+        run_ = json.loads((tmp_path / "compare.json").read_text())["results"]["adamw"]["runs"][0]
+        assert run_["hyperparameters"]["weight_decay"] == expected
+
+
 def test_quiet_and_verbose_anywhere():
     from onlinela_torch.cli import build_parser
 

@@ -35,7 +35,7 @@ import torch
 from . import distributed as dp
 from . import experiment as ex
 from . import plots
-from .data import DataError, Dataset, load_dataset
+from .data import DataError, Dataset, TextCorpus
 
 logger = logging.getLogger("onlinela_torch")
 
@@ -155,9 +155,14 @@ def _task(args: argparse.Namespace) -> ex.Task:
     return task
 
 
-def _load(args: argparse.Namespace, task: ex.Task) -> Dataset:
-    data = load_dataset(task.dataset, data_dir=args.data_dir, seed=0, max_train=args.max_train)
-    return data.to(_device(args.device))
+def _load(args: argparse.Namespace, task: ex.Task) -> Dataset | TextCorpus:
+    device = _device(args.device)
+    try:
+        return ex.load_task_data(task, data_dir=args.data_dir, max_train=args.max_train, device=device)
+    except DataError:
+        raise
+    except ValueError as exc:  # --max-train too small for a text task
+        raise CLIError(f"--max-train: {exc}") from None
 
 
 def _progress(args: argparse.Namespace, total: int, desc: str) -> Any:
@@ -203,10 +208,11 @@ def _kfac_options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(args.kfac_opt or [])
 
 
-def _build(args: argparse.Namespace, task: ex.Task, data: Dataset, name: str, lr: float, seed: int) -> tuple[Any, Any]:
+def _build(args: argparse.Namespace, task: ex.Task, data: Dataset | TextCorpus, name: str, lr: float,
+           seed: int) -> tuple[Any, Any]:
     """A model initialised from ``seed`` and its optimizer."""
     torch.manual_seed(seed)
-    model = task.build_model(data, args.width).to(data.x_train.device)
+    model = task.build_model(data, args.width).to(ex.data_device(data))
     return model, _stepper(args, task, model, name, lr)
 
 
@@ -251,7 +257,8 @@ def _check_kfac_options(options: dict[str, Any], names: Sequence[str]) -> None:
                            f"{', '.join(clash)}; choose the method with --optimizers/--optimizer instead")
 
 
-def _validate_kfac_options(args: argparse.Namespace, task: ex.Task, data: Dataset, names: Sequence[str]) -> None:
+def _validate_kfac_options(args: argparse.Namespace, task: ex.Task, data: Dataset | TextCorpus,
+                           names: Sequence[str]) -> None:
     """Build each requested curvature optimizer once, so a bad ``--kfac-opt`` value fails before any training."""
     if not args.kfac_opt:
         return
@@ -267,7 +274,7 @@ def _optimizer_names(requested: Sequence[str] | None, task: ex.Task) -> list[str
     if not requested or requested == ["all"]:
         names = [n for n, s in specs.items() if task.is_classifier or not s.classification_only]
         if len(names) < len(specs):
-            logger.info("KLD-WRM needs a classifier: left out of %s", task.name)
+            logger.info("KLD-WRM needs a classifier with (n, C) logits: left out of %s", task.name)
         return names
     unknown = [n for n in requested if n not in specs]
     if unknown:
@@ -276,7 +283,8 @@ def _optimizer_names(requested: Sequence[str] | None, task: ex.Task) -> list[str
         raise CLIError(f"unknown optimizer(s) {', '.join(unknown)}{hint}; available: {', '.join(specs)}")
     unsuited = [n for n in requested if specs[n].classification_only and not task.is_classifier]
     if unsuited:
-        raise CLIError(f"{', '.join(unsuited)} need a classification task; {task.name} is an autoencoder")
+        kind = "an autoencoder" if task.is_autoencoder else "a language model ((n, T, V) logits)"
+        raise CLIError(f"{', '.join(unsuited)} need a classification task; {task.name} is {kind}")
     return list(dict.fromkeys(requested))
 
 
@@ -291,7 +299,7 @@ def _compare(args: argparse.Namespace) -> int:
     batch = args.batch_size or task.batch_size
     targets = args.targets or list(task.targets)
     grid = [args.lr] if args.lr else (args.lr_grid or list(DEFAULT_LR_GRID))
-    steps_per_epoch = max(1, data.x_train.shape[0] // batch)
+    steps_per_epoch = task.steps_per_epoch(data, batch)
     probe_epochs = args.probe_epochs if args.probe_epochs is not None else task.probe_epochs
     probe_steps = max(1, math.ceil(probe_epochs * steps_per_epoch))
     out = _out_dir(args)
@@ -339,21 +347,20 @@ def _compare(args: argparse.Namespace) -> int:
         "task": task.name,
         "metric": task.metric_name,
         "higher_is_better": task.higher_is_better,
-        "data": {"name": data.name, "source": data.source, "train": int(data.x_train.shape[0]),
-                 "test": int(data.x_test.shape[0]), "image_shape": list(data.image_shape)},
+        "data": task.data_summary(data),
         "config": {"epochs": epochs, "batch_size": batch, "seeds": args.seeds, "targets": targets,
                    "lr_grid": grid, "probe_steps": probe_steps if len(grid) > 1 else 0,
                    "width": args.width if args.width is not None else task.width, "momentum": args.momentum,
                    "kfac_momentum": args.kfac_momentum if args.kfac_momentum is not None else task.kfac_momentum,
                    "weight_decay": args.weight_decay, "kfac_options": {**task.kfac, **_kfac_options(args)}},
-        "environment": _environment(data.x_train.device),
+        "environment": _environment(ex.data_device(data)),
         "wall_seconds": wall,
         "results": results,
         "failed": failed,
     }
     _write_json(out / "compare.json", payload)
     _plot_compare(out / "compare.png", task, targets, results)
-    sys.stdout.write(_compare_table(task, targets, results, failed))
+    sys.stdout.write(_compare_table(task, targets, results, failed, steps_per_epoch))
     sys.stdout.write(f"\n{wall:.0f} s in all; wrote {out / 'compare.json'} and {out / 'compare.png'}\n")
     return 0
 
@@ -371,6 +378,7 @@ def _summarise(task: ex.Task, targets: Sequence[float], lr: float, scores: dict[
             "time_to_target": {t: h[0] if h else None for t, h in hits.items()},
             "epochs_to_target": {t: h[1] if h else None for t, h in hits.items()},
             "phase_seconds": res.phase_seconds,
+            "hyperparameters": res.hyperparameters,
             "history": res.history,
         })
     finals = [r["final_metric"] for r in per_seed if math.isfinite(r["final_metric"])]
@@ -385,7 +393,8 @@ def _summarise(task: ex.Task, targets: Sequence[float], lr: float, scores: dict[
     }
 
 
-def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, Any], failed: dict[str, str]) -> str:
+def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, Any], failed: dict[str, str],
+                   steps_per_epoch: int) -> str:
     arrow = ">=" if task.higher_is_better else "<="
     head = ["optimizer", "lr", task.metric_name, "s/epoch"]
     head += [f"{arrow}{t:g}: s / ep" for t in targets]
@@ -412,6 +421,8 @@ def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, A
     lines.insert(1, "  ".join("-" * w for w in widths))
     text = "\n".join(lines) + "\n"
     text += "(time to target: median training seconds / epochs over the seeds that reached it; evaluation excluded)\n"
+    if task.is_text:
+        text += f"(an epoch of {task.name} is {steps_per_epoch} training steps between two evaluations)\n"
     for name, why in failed.items():
         text += f"{name}: failed, left out ({why})\n"
     return text
@@ -488,8 +499,8 @@ def _train(args: argparse.Namespace) -> int:
     out = _out_dir(args)
     _write_json(out / "train.json", {
         "command": "train", "config": config, "metric": task.metric_name, "diverged": result.diverged,
-        "phase_seconds": result.phase_seconds, "history": result.history,
-        "environment": _environment(data.x_train.device),
+        "phase_seconds": result.phase_seconds, "hyperparameters": result.hyperparameters,
+        "history": result.history, "environment": _environment(ex.data_device(data)),
     })
     last = result.history[-1]
     status = " (diverged)" if result.diverged else ""
@@ -621,7 +632,7 @@ def _spectrum(args: argparse.Namespace) -> int:
     spectra = []
     for width in args.widths:
         torch.manual_seed(args.seed)
-        model = task.build_model(data, width).to(data.x_train.device)
+        model = task.build_model(data, width).to(ex.data_device(data))
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         if not -len(linears) <= args.layer < len(linears):
             raise CLIError(f"--layer {args.layer}: the {task.name} model has {len(linears)} Linear layers")
@@ -662,7 +673,7 @@ def _spectrum(args: argparse.Namespace) -> int:
     _write_json(out / "spectrum.json", {
         "command": "spectrum", "task": task.name, "optimizer": name, "lr": lr, "epochs": args.epochs,
         "batch_size": batch, "bounds_available": {k: v is not None for k, v in bounds.items()}, "spectra": spectra,
-        "environment": _environment(data.x_train.device),
+        "environment": _environment(ex.data_device(data)),
     })
     _plot_spectrum(out / "spectrum.png", task, spectra)
     head = ["width", "factor", "dim", "steps", "lambda_1", "K"]
@@ -713,14 +724,20 @@ def _common(
                              + "; ".join(f"{t.name}: {t.description}" for t in ex.TASKS.values()))
     parser.add_argument("--data-dir", help="directory with MNIST IDX files or CIFAR-10 python batches "
                                            "(default for mnist: the bundled 5,000-image subset)")
-    parser.add_argument("--max-train", type=_positive_int, help="use a seeded subset of this many training images")
-    parser.add_argument("--batch-size", type=_positive_int, help="minibatch size (default: the task's)")
+    parser.add_argument("--max-train", type=_positive_int,
+                        help="use a seeded subset of this many training images (tiny-lm: the first this many "
+                             "characters of the training text)")
+    parser.add_argument("--batch-size", type=_positive_int,
+                        help="minibatch size, in images or (tiny-lm) text windows (default: the task's)")
     parser.add_argument("--width", type=_positive_float, help="model width scale (default: the task's)")
     parser.add_argument("--momentum", type=_momentum, default=0.9, help="momentum of the SGD baseline (default 0.9)")
     parser.add_argument("--kfac-momentum", type=_momentum, default=None,
                         help="momentum of the K-FAC methods and KLD-WRM (default: the task's; 0 as in the "
-                             "RS-KFAC and KLD-WRM papers, 0.9 for mnist-autoencoder as in the K-FAC paper)")
-    parser.add_argument("--weight-decay", type=_nonneg_float, default=0.0, help="weight decay, added after preconditioning")
+                             "RS-KFAC and KLD-WRM papers, 0.9 for mnist-autoencoder as in the K-FAC paper, "
+                             "the optimizer classes' default for tiny-lm)")
+    parser.add_argument("--weight-decay", type=_nonneg_float, default=None,
+                        help="weight decay of every optimizer, added after preconditioning (default: each "
+                             "optimizer's own: 0.01 for adamw, 0 for the others)")
     parser.add_argument("--kfac-opt", type=_key_value, action="append", metavar="KEY=VALUE",
                         help="extra KFACPreconditioner keyword (repeatable), e.g. damping=0.01 rank=64")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 or auto (default cpu)")

@@ -1,6 +1,12 @@
 """Tasks, the optimizer registry, the training loop and checkpoints of the ``onlinela`` command.
 
-The registry holds two baselines (SGD with momentum, Adam) and, when
+Tasks are image benchmarks (a :class:`~onlinela_torch.data.Dataset`) or a
+character-level language model (``tiny-lm``: a
+:class:`~onlinela_torch.data.TextCorpus` and :class:`TextSpec`); both are
+driven through the same :class:`Task` methods (``build_model``,
+``batches``, ``loss``, ``evaluate``), so :func:`train` is one loop.
+
+The registry holds three baselines (SGD with momentum, Adam, AdamW) and, when
 :mod:`onlinela_torch` exports them, the K-FAC-family optimizer classes
 (:class:`~onlinela_torch.KFAC`, :class:`~onlinela_torch.RSKFAC`, ...) and the
 KLD-WRM variants of :class:`~onlinela_torch.KLDWRM`; nothing here implements a
@@ -18,11 +24,12 @@ import hashlib
 import inspect
 import io
 import logging
+import dataclasses
 import math
 import os
 import pathlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import models
-from .data import Dataset
+from .data import Dataset, TextCorpus, load_dataset, load_pydoc_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +55,14 @@ __all__ = [
     "RunResult",
     "Stepper",
     "Task",
+    "TextSpec",
     "available_optimizers",
     "build_stepper",
     "checkpoint_differences",
+    "data_device",
     "discard_partial_checkpoint",
     "load_checkpoint",
+    "load_task_data",
     "phase_seconds",
     "reached",
     "read_checkpoint",
@@ -69,11 +79,38 @@ KFAC_METHODS: tuple[str, ...] = ("kfac", "rs-kfac", "sre-kfac", "nystrom-kfac", 
 #: KLD-WRM variants; offered when ``onlinela_torch.KLDWRM`` is exported.
 KLDWRM_VARIANTS: tuple[str, ...] = ("so", "q", "qe")
 #: Optimizers that are always available.
-BASELINES: tuple[str, ...] = ("sgd", "adam")
+BASELINES: tuple[str, ...] = ("sgd", "adam", "adamw")
 _PHASES = ("statistics", "decomposition", "preconditioning")
 
 
 # --------------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class TextSpec:
+    """Sequence settings of a text task (``tiny-lm``).
+
+    Attributes
+    ----------
+    context : int
+        Context length ``T`` of every training and validation window.
+    d_model, n_layers, n_heads : int
+        Size of the :class:`~onlinela_torch.models.TinyCausalLM` (``d_model``
+        is scaled by the task width, to a multiple of ``n_heads``).
+    steps_per_epoch : int
+        Training steps between two evaluations: an "epoch" of a text task is
+        this many minibatches of random windows, not a pass over the text.
+    val_windows : int
+        Consecutive non-overlapping windows from the start of the validation
+        split that the validation loss averages over (the same for every run).
+    """
+
+    context: int = 64
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    steps_per_epoch: int = 25
+    val_windows: int = 256
+
+
 @dataclass(frozen=True)
 class Task:
     """One benchmark: a data set, a model, a loss and a metric.
@@ -83,28 +120,36 @@ class Task:
     name : str
         Task name used on the command line.
     dataset : str
-        Name passed to :func:`onlinela_torch.data.load_dataset`.
-    model : {"autoencoder", "mlp", "cnn", "vgg16", "vgg16-wide"}
+        Name passed to :func:`onlinela_torch.data.load_dataset`, or
+        ``"pydoc-topics"`` (:func:`onlinela_torch.data.load_pydoc_text`) for a
+        text task.
+    model : {"autoencoder", "mlp", "cnn", "vgg16", "vgg16-wide", "tiny-lm"}
         Model family (see :mod:`onlinela_torch.models`).
     batch_size : int
-        Default minibatch size.
+        Default minibatch size (images, or windows of ``text.context`` tokens).
     epochs : int
-        Default epoch budget of ``compare``.
+        Default epoch budget of ``compare`` (evaluation intervals of
+        ``text.steps_per_epoch`` steps for a text task).
     targets : tuple of float
         Default metric targets for time-to-target.
     kfac : Mapping
         Default :class:`~onlinela_torch.KFACPreconditioner` keywords for this
-        task (only those the installed class accepts are passed).
+        task (only those the installed class accepts are passed); empty: the
+        library's defaults.
     needs_data_dir : bool
         Whether the task needs ``--data-dir``.
     width : float
         Default width scale of the model (a CPU proxy when below 1).
     description : str
         One line for ``--help``.
-    kfac_momentum : float
-        Default momentum of the K-FAC methods and KLD-WRM on this task.
+    kfac_momentum : float or None
+        Default momentum of the K-FAC methods and KLD-WRM on this task; None:
+        the K-FAC optimizer classes' own default (KLD-WRM: 0).
     probe_epochs : float
         Default length of each learning-rate probe run, in epochs.
+    text : TextSpec or None
+        Set for a text task (next-token prediction on a
+        :class:`~onlinela_torch.data.TextCorpus`); None for image tasks.
     """
 
     name: str
@@ -117,8 +162,14 @@ class Task:
     needs_data_dir: bool = False
     width: float = 1.0
     description: str = ""
-    kfac_momentum: float = 0.0
+    kfac_momentum: float | None = 0.0
     probe_epochs: float = 1.0
+    text: TextSpec | None = None
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the task is next-token prediction on a text corpus."""
+        return self.text is not None
 
     @property
     def is_autoencoder(self) -> bool:
@@ -127,18 +178,21 @@ class Task:
 
     @property
     def is_classifier(self) -> bool:
-        """Whether the model outputs class logits."""
-        return not self.is_autoencoder
+        """Whether the model outputs one row of class logits per example, shape (n, C) (KLD-WRM needs it)."""
+        return not (self.is_autoencoder or self.is_text)
 
     @property
     def likelihood(self) -> str:
         """The predictive distribution of the loss, for sampled-label Fisher
-        statistics: ``"bernoulli"`` (autoencoder pixels) or ``"categorical"``."""
+        statistics: ``"bernoulli"`` (autoencoder pixels) or ``"categorical"``
+        (classes, next tokens)."""
         return "bernoulli" if self.is_autoencoder else "categorical"
 
     @property
     def metric_name(self) -> str:
         """Name of the metric reported and compared against the targets."""
+        if self.is_text:
+            return "val_loss"
         return "train_recon_error" if self.is_autoencoder else "test_accuracy"
 
     @property
@@ -146,17 +200,25 @@ class Task:
         """Direction of the metric."""
         return self.is_classifier
 
-    def build_model(self, data: Dataset, width: float | None = None) -> nn.Module:
+    def build_model(self, data: Dataset | TextCorpus, width: float | None = None) -> nn.Module:
         """A freshly initialised model for ``data`` (seed torch first for reproducibility).
 
         Parameters
         ----------
-        data : Dataset
-            Fixes the input shape and number of classes.
+        data : Dataset or TextCorpus
+            Fixes the input shape and number of classes (the vocabulary of a
+            text task).
         width : float, optional
-            Width scale; defaults to :attr:`width`.  Not used by ``cnn``.
+            Width scale; defaults to :attr:`width`.  Not used by ``cnn``; for
+            ``tiny-lm`` it scales ``d_model`` (rounded to a multiple of
+            ``n_heads``).
         """
         width = self.width if width is None else width
+        if self.text is not None:
+            spec = self.text
+            d_model = max(1, round(spec.d_model * width / spec.n_heads)) * spec.n_heads
+            return models.TinyCausalLM(data.vocab_size, d_model=d_model, n_layers=spec.n_layers,
+                                       n_heads=spec.n_heads, context=spec.context)
         c, h, w = data.image_shape
         if self.model == "autoencoder":
             return models.MNISTAutoencoder(c * h * w, width=width)
@@ -167,23 +229,74 @@ class Task:
         head = models.WIDE_HEAD_WIDTH if self.model == "vgg16-wide" else 512
         return models.vgg16_bn(data.num_classes, in_channels=c, image_size=h, head_width=head, width=width)
 
+    def steps_per_epoch(self, data: Dataset | TextCorpus, batch_size: int) -> int:
+        """Training steps of one epoch: ``n_train // batch_size`` (at least 1), or ``text.steps_per_epoch``."""
+        if self.text is not None:
+            return self.text.steps_per_epoch
+        return max(1, data.x_train.shape[0] // batch_size)
+
+    def batches(self, data: Dataset | TextCorpus, epoch: int, batch_size: int,
+                seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The minibatches ``(x, y)`` of one epoch, a function of ``(seed, epoch)`` only (resuming repeats them).
+
+        Images: a shuffle of the training set, the last smaller batch
+        dropped; ``x`` is ``(b, C, H, W)`` float, ``y`` ``(b,)`` int64.  Text:
+        :attr:`TextSpec.steps_per_epoch` batches of windows at uniform random
+        offsets (:meth:`~onlinela_torch.data.TextCorpus.batch`); ``x`` and
+        ``y`` are ``(b, T)`` int64 token ids, ``y`` shifted by one.  Under
+        ``torch.distributed`` each rank gets its contiguous share of every
+        batch.
+        """
+        if self.text is not None:
+            gen = torch.Generator().manual_seed(1_000_003 * seed + epoch)
+            for _ in range(self.text.steps_per_epoch):
+                x, y = data.batch("train", batch_size, self.text.context, generator=gen)
+                yield _rank_share(x), _rank_share(y)
+            return
+        order = _epoch_order(data.x_train.shape[0], seed, epoch).to(data.x_train.device)
+        for b in range(self.steps_per_epoch(data, batch_size)):
+            idx = _rank_share(order[b * batch_size : (b + 1) * batch_size])
+            yield data.x_train[idx], data.y_train[idx]
+
     def loss(self, output: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Minibatch loss: cross-entropy (classifiers) or, for the autoencoder,
-        Bernoulli cross-entropy summed over pixels and averaged over images."""
+        """Minibatch loss: cross-entropy (classifiers; text: mean next-token
+        cross-entropy over every position of every window) or, for the
+        autoencoder, Bernoulli cross-entropy summed over pixels and averaged
+        over images."""
         if self.is_autoencoder:
             return F.binary_cross_entropy_with_logits(output, x.flatten(1), reduction="sum") / x.shape[0]
+        if self.is_text:
+            return F.cross_entropy(output.flatten(0, -2), y.flatten())
         return F.cross_entropy(output, y)
 
+    def fisher_outputs(self, output: torch.Tensor) -> torch.Tensor:
+        """The outputs handed to ``fisher_backward``: one row per term of the loss's mean.
+
+        A text task's loss averages over every token, so its logits
+        ``(b, T, V)`` are passed as ``(b T, V)``; other outputs unchanged.
+        """
+        return output.flatten(0, -2) if self.is_text else output
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: Dataset, batch_size: int = 1000) -> float:
+    def evaluate(self, model: nn.Module, data: Dataset | TextCorpus, batch_size: int = 1000) -> float:
         """The task's metric.
 
         The autoencoder reports the training-set reconstruction error (squared
         error summed over pixels, averaged over images: the optimisation
-        benchmark's measure); classifiers report test accuracy in percent.
+        benchmark's measure); classifiers report test accuracy in percent; a
+        text task reports the mean next-token cross-entropy (nats) on the
+        first :attr:`TextSpec.val_windows` windows of the validation split.
         """
         was_training = model.training
         model.eval()
+        try:
+            if self.text is not None:
+                return self._validation_loss(model, data, batch_size)
+            return self._image_metric(model, data, batch_size)
+        finally:
+            model.train(was_training)
+
+    def _image_metric(self, model: nn.Module, data: Dataset, batch_size: int) -> float:
         x_all, y_all = (data.x_train, data.y_train) if self.is_autoencoder else (data.x_test, data.y_test)
         total = 0.0
         for start in range(0, x_all.shape[0], batch_size):
@@ -193,8 +306,74 @@ class Task:
                 total += float(((torch.sigmoid(out) - x.flatten(1)) ** 2).sum())
             else:
                 total += float((out.argmax(1) == y).sum())
-        model.train(was_training)
         return total / x_all.shape[0] * (1.0 if self.is_autoencoder else 100.0)
+
+    def _validation_loss(self, model: nn.Module, data: TextCorpus, batch_size: int) -> float:
+        x_all, y_all = data.windows("val", self.text.context, max_windows=self.text.val_windows)
+        total = 0.0
+        for start in range(0, x_all.shape[0], batch_size):
+            out = model(x_all[start : start + batch_size])
+            y = y_all[start : start + batch_size]
+            total += float(F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction="sum"))
+        return total / y_all.numel()
+
+    def data_summary(self, data: Dataset | TextCorpus) -> dict[str, Any]:
+        """What ``compare.json`` records about the data (name, source, sizes)."""
+        if self.text is not None:
+            return {"name": data.name, "source": data.source, "train_tokens": int(data.train.numel()),
+                    "val_tokens": int(data.val.numel()), "vocab_size": data.vocab_size,
+                    "context": self.text.context, "val_windows": int(min(self.text.val_windows,
+                                                                         (data.val.numel() - 1) // self.text.context)),
+                    "steps_per_epoch": self.text.steps_per_epoch}
+        return {"name": data.name, "source": data.source, "train": int(data.x_train.shape[0]),
+                "test": int(data.x_test.shape[0]), "image_shape": list(data.image_shape)}
+
+
+def _rank_share(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of ``batch`` (rows) under ``torch.distributed``; ``batch`` otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return batch.tensor_split(torch.distributed.get_world_size())[torch.distributed.get_rank()]
+    return batch
+
+
+def data_device(data: Dataset | TextCorpus) -> torch.device:
+    """The device a task's data lie on (where its model must be)."""
+    return data.train.device if isinstance(data, TextCorpus) else data.x_train.device
+
+
+def load_task_data(task: Task, *, data_dir: str | os.PathLike[str] | None = None, max_train: int | None = None,
+                   device: torch.device | str = "cpu") -> Dataset | TextCorpus:
+    """The data of ``task`` on ``device``.
+
+    Parameters
+    ----------
+    task : Task
+        Image tasks read :func:`~onlinela_torch.data.load_dataset` (split
+        seed 0); text tasks :func:`~onlinela_torch.data.load_pydoc_text`.
+    data_dir : path-like, optional
+        Directory of the image files (see :func:`~onlinela_torch.data.load_dataset`).
+    max_train : int, optional
+        Images: a seeded subset of this many training images.  Text: the
+        first ``max_train`` characters of the training split.
+    device : torch.device or str, default "cpu"
+
+    Raises
+    ------
+    ValueError
+        ``max_train`` leaves a text task fewer than ``context + 2`` training
+        characters.
+    DataError
+        Missing or malformed data files.
+    """
+    if task.text is None:
+        return load_dataset(task.dataset, data_dir=data_dir, seed=0, max_train=max_train).to(device)
+    corpus = load_pydoc_text()
+    if max_train is not None:
+        if max_train < task.text.context + 2:
+            raise ValueError(f"`max_train` must be at least context + 2 = {task.text.context + 2} characters "
+                             f"for {task.name}, got {max_train}")
+        corpus = dataclasses.replace(corpus, train=corpus.train[:max_train].clone())
+    return dataclasses.replace(corpus, train=corpus.train.to(device), val=corpus.val.to(device))
 
 
 # The MNIST classifier settings follow the KLD-WRM paper where it gives one
@@ -207,6 +386,9 @@ _SMALL_KFAC = {"damping": 0.01, "kl_clip": 0.1, "factor_update_freq": 5, "inv_up
 # per epoch than rank 64 in our runs.
 _AUTOENCODER_KFAC = {"damping": 0.01, "kl_clip": 0.3, "factor_update_freq": 5, "inv_update_freq": 20,
                      "fisher": "true", "rank": 64}
+# Validation losses (nats per character) that AdamW reaches within the default
+# 12 x 25 steps.
+_TINY_LM_TARGETS = (3.0, 2.6, 2.4)
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
@@ -229,6 +411,11 @@ TASKS: dict[str, Task] = {
         Task("cifar10-vgg16-wide", "cifar10", "vgg16-wide", 256, 10, (80.0, 85.0, 90.0),
              {"damping": 0.03, "factor_update_freq": 10, "inv_update_freq": 50}, needs_data_dir=True,
              description="VGG16_bn with the wide first FC layer, CIFAR-10 (--data-dir)"),
+        # K-FAC family: the library's defaults (no `kfac` keywords, the classes' momentum).
+        Task("tiny-lm", "pydoc-topics", "tiny-lm", 32, 12, _TINY_LM_TARGETS, kfac_momentum=None,
+             probe_epochs=4.0, text=TextSpec(),
+             description="character-level causal transformer (d_model 64, 2 layers, context 64) on the "
+                         "pydoc help topics bundled with Python; metric: validation loss"),
     )
 }
 
@@ -254,6 +441,9 @@ class OptimizerSpec:
         K-FAC method or KLD-WRM variant; empty for baselines.
     classification_only : bool
         Needs a classifier's logits (KLD-WRM's KL terms).
+    weight_decay : float
+        Default weight decay (used without ``weight_decay``): 0.01 for
+        ``adamw`` (:class:`torch.optim.AdamW`'s default), 0 otherwise.
     """
 
     name: str
@@ -261,6 +451,7 @@ class OptimizerSpec:
     lr: float
     variant: str = ""
     classification_only: bool = False
+    weight_decay: float = 0.0
 
 
 def _exported() -> dict[str, Any]:
@@ -287,12 +478,13 @@ def available_optimizers() -> dict[str, OptimizerSpec]:
     Returns
     -------
     dict of str to OptimizerSpec
-        ``sgd`` and ``adam`` always; one entry per K-FAC-family optimizer
+        ``sgd``, ``adam`` and ``adamw`` always; one entry per K-FAC-family optimizer
         class that :mod:`onlinela_torch` exports (``kfac``, ``rs-kfac``, ...,
         named by the class's ``method``); ``kld-wrm-so``, ``kld-wrm-q``,
         ``kld-wrm-qe`` when ``onlinela_torch.KLDWRM`` exists.
     """
-    specs = [OptimizerSpec("sgd", "baseline", 0.03), OptimizerSpec("adam", "baseline", 1e-3)]
+    specs = [OptimizerSpec("sgd", "baseline", 0.03), OptimizerSpec("adam", "baseline", 1e-3),
+             OptimizerSpec("adamw", "baseline", 1e-3, weight_decay=0.01)]
     specs += [OptimizerSpec(m, "kfac", 0.1, m) for m in _kfac_optimizer_classes()]
     kldwrm = _exported().get("KLDWRM")
     if kldwrm is not None:
@@ -403,14 +595,15 @@ def build_stepper(
     lr: float,
     momentum: float = 0.9,
     kfac_momentum: float | None = None,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     kfac_options: Mapping[str, Any] | None = None,
     task: Task | None = None,
 ) -> Stepper:
     """Build a registered optimizer for ``model``.
 
     ``sgd`` is :class:`torch.optim.SGD` with ``momentum``; ``adam`` is
-    :class:`torch.optim.Adam`.  A K-FAC method is its exported optimizer class
+    :class:`torch.optim.Adam`; ``adamw`` is :class:`torch.optim.AdamW`
+    (decoupled weight decay, 0.01 by default).  A K-FAC method is its exported optimizer class
     (``KFAC``, ``RSKFAC``, ...: the papers' update rule, weight decay added
     after preconditioning) with ``kfac_momentum``; a KLD-WRM variant is
     :class:`~onlinela_torch.KLDWRM` over :class:`torch.optim.SGD` with
@@ -429,9 +622,10 @@ def build_stepper(
         Momentum of ``sgd``.
     kfac_momentum : float, optional
         Momentum of the K-FAC methods and KLD-WRM (default: the task's
-        :attr:`Task.kfac_momentum`, 0 without a task).
-    weight_decay : float, default 0.0
-        Weight decay of every optimizer.
+        :attr:`Task.kfac_momentum`, 0 without a task; a task's None leaves
+        the K-FAC classes' own default and gives KLD-WRM 0).
+    weight_decay : float, optional
+        Weight decay (default: the optimizer's :attr:`OptimizerSpec.weight_decay`).
     kfac_options : Mapping, optional
         Extra :class:`~onlinela_torch.KFACPreconditioner` keywords
         (``damping``, ``rank``, ...); a key it does not accept raises.
@@ -453,8 +647,12 @@ def build_stepper(
     if name not in specs:
         raise KeyError(f"unknown optimizer {name!r}; available: {', '.join(specs)}")
     spec = specs[name]
+    if weight_decay is None:
+        weight_decay = spec.weight_decay
     if spec.name == "adam":
         return Stepper(torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay))
+    if spec.name == "adamw":
+        return Stepper(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay))
     if spec.name == "sgd":
         return Stepper(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay))
     exported = _exported()
@@ -467,8 +665,10 @@ def build_stepper(
         kfac_momentum = task.kfac_momentum if task is not None else 0.0
     if spec.family == "kfac":
         cls = _kfac_optimizer_classes()[spec.variant]
-        return Stepper(cls(model, lr=lr, momentum=kfac_momentum, weight_decay=weight_decay, **options))
-    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=kfac_momentum, weight_decay=weight_decay)
+        if kfac_momentum is not None:  # None: the class's default
+            options["momentum"] = kfac_momentum
+        return Stepper(cls(model, lr=lr, weight_decay=weight_decay, **options))
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=kfac_momentum or 0.0, weight_decay=weight_decay)
     return Stepper(sgd, exported["KLDWRM"](model, sgd, variant=spec.variant, **options))
 
 
@@ -518,11 +718,16 @@ class RunResult:
         The loss became non-finite; training stopped.
     phase_seconds : dict of str to float
         Per-phase preconditioner seconds (zeros for baselines).
+    hyperparameters : dict
+        The scalar settings of the optimizer's first parameter group at the
+        end (``lr``, ``momentum``, ``weight_decay``, ...): what a library
+        default resolved to.
     """
 
     history: list[dict[str, float]]
     diverged: bool = False
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PHASES, 0.0))
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final_metric(self) -> float:
@@ -544,7 +749,7 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def train(
     task: Task,
-    data: Dataset,
+    data: Dataset | TextCorpus,
     model: nn.Module,
     stepper: Stepper,
     *,
@@ -561,8 +766,8 @@ def train(
     Parameters
     ----------
     task : Task
-        Loss and metric.
-    data : Dataset
+        Minibatches, loss and metric.
+    data : Dataset or TextCorpus
         Already on the model's device.
     model : torch.nn.Module
         The model.
@@ -571,9 +776,9 @@ def train(
     epochs : int
         Last epoch to reach (total, not additional).
     batch_size : int
-        Minibatch size (the last, smaller batch of an epoch is dropped).
+        Minibatch size (images: the last, smaller batch of an epoch is dropped).
     seed : int
-        Seed of the per-epoch shuffles.
+        Seed of the per-epoch shuffles (text: of the window offsets).
     max_steps : int, optional
         Stop after this many steps (a probe run); the partial epoch is
         evaluated and recorded.
@@ -590,26 +795,19 @@ def train(
     """
     history = list(history) if history else [_record(task, model, data, 0, 0.0, math.nan)]
     start_epoch, elapsed = int(history[-1]["epoch"]), history[-1]["seconds"]
-    n = data.x_train.shape[0]
-    steps_per_epoch = max(1, n // batch_size)
     steps = 0
     diverged = False
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
-        order = _epoch_order(n, seed, epoch).to(data.x_train.device)
         losses = []
         t0 = time.perf_counter()
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size : (b + 1) * batch_size]
-            if torch.distributed.is_available() and torch.distributed.is_initialized():  # data parallel: this rank's shard
-                idx = idx.tensor_split(torch.distributed.get_world_size())[torch.distributed.get_rank()]
-            x, y = data.x_train[idx], data.y_train[idx]
+        for x, y in task.batches(data, epoch, batch_size, seed):
             out = model(x)
             loss = task.loss(out, x, y)
             if not torch.isfinite(loss):
                 diverged = True
                 break
-            stepper.before_backward(out, task.likelihood)
+            stepper.before_backward(task.fisher_outputs(out), task.likelihood)
             loss.backward()
             stepper.step(lambda x=x: model(x))
             stepper.zero_grad()
@@ -631,10 +829,18 @@ def train(
         if max_steps is not None and steps >= max_steps:
             break
     stats = stepper.stats()
-    return RunResult(history, diverged, phase_seconds(stats) if stats is not None else dict.fromkeys(_PHASES, 0.0))
+    return RunResult(history, diverged, phase_seconds(stats) if stats is not None else dict.fromkeys(_PHASES, 0.0),
+                     _hyperparameters(stepper.optimizer))
 
 
-def _record(task: Task, model: nn.Module, data: Dataset, epoch: int, seconds: float, loss: float) -> dict[str, float]:
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The scalar entries of the first parameter group (JSON-ready)."""
+    group = optimizer.param_groups[0]
+    return {k: v for k, v in group.items() if isinstance(v, (bool, int, float, str)) and k != "params"}
+
+
+def _record(task: Task, model: nn.Module, data: Dataset | TextCorpus, epoch: int, seconds: float,
+            loss: float) -> dict[str, float]:
     metric = task.evaluate(model, data)
     logger.debug("epoch %d: %.2f s, loss %.4g, %s %.4g", epoch, seconds, loss, task.metric_name, metric)
     return {"epoch": epoch, "seconds": seconds, "train_loss": loss, "metric": metric}
