@@ -299,7 +299,7 @@ def _plot(path: pathlib.Path, payload: dict[str, Any]) -> None:
     base = results["1"]["decomposition_cpu_seconds_max"]
     for i, key in enumerate(runs):
         per_rank = results[key]["decomposition_cpu_seconds_per_rank"]
-        ax1.scatter([i] * len(per_rank), per_rank, color="C0", zorder=3, label="one rank" if i == 0 else None)
+        ax1.scatter([i] * len(per_rank), per_rank, color="C0", zorder=3, label="each rank" if i == 0 else None)
         ax1.bar(i, max(per_rank), color="C0", alpha=0.35, label="slowest rank" if i == 0 else None)
         ax1.annotate(f"{max(per_rank) / base:.2f}x", (i, max(per_rank)), ha="center", va="bottom")
     ax1.axhline(0.35 * base, color="C3", ls="--", label="bar: 0.35 x P=1 (P=4)")
@@ -311,6 +311,8 @@ def _plot(path: pathlib.Path, payload: dict[str, Any]) -> None:
     ax2.bar(range(len(runs)), mem, color="C2")
     for i, m in enumerate(mem):
         ax2.annotate(f"{mem[0] / m:.1f}x less", (i, m), ha="center", va="bottom", fontsize=8)
+    ax2.axhline(mem[0] / 2, color="C3", ls="--", label="bar: 2x less than P=1 (P=4 memory)")
+    ax2.legend(fontsize=8)
     ax2.set_xticks(range(len(runs)), [k.replace("/", "\n") for k in runs])
     ax2.set_ylabel("factor memory of the largest rank (MiB)")
     ax2.set_title("factor memory per rank (EAs + eigenpairs)")
