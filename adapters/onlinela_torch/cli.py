@@ -642,6 +642,9 @@ def _spectrum(args: argparse.Namespace) -> int:
         with _progress(args, args.epochs, f"width {width:g}") as bar:
             ex.train(task, data, model, stepper, epochs=args.epochs, batch_size=batch, seed=args.seed, progress=bar)
         recorder.remove()
+        if not recorder.increments["A"]["norms"] or not recorder.increments["G"]["norms"]:
+            raise CLIError(f"--layer {args.layer}: its module hooks never ran during training (torch calls "
+                           "an attention layer's out_proj functionally); choose another Linear layer")
         for key in ("A", "G"):
             eig = recorder.eigenvalues(key)
             inc = recorder.increments[key]

@@ -387,8 +387,9 @@ _SMALL_KFAC = {"damping": 0.01, "kl_clip": 0.1, "factor_update_freq": 5, "inv_up
 _AUTOENCODER_KFAC = {"damping": 0.01, "kl_clip": 0.3, "factor_update_freq": 5, "inv_update_freq": 20,
                      "fisher": "true", "rank": 64}
 # Validation losses (nats per character) that AdamW reaches within the default
-# 12 x 25 steps.
-_TINY_LM_TARGETS = (3.0, 2.6, 2.4)
+# 12 x 25 steps (lr 0.01 from the default grid: 2.5 after 50 steps, 2.25 after
+# 125, 1.99 after 225, 1.83 after 300 in our run).
+_TINY_LM_TARGETS = (2.5, 2.2, 2.0)
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
