@@ -308,6 +308,23 @@ def _eigh_krylov(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: np
     return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
 
 
+def _next_lanczos_block(xp: ModuleType, K: Any, W: Any, KtW: Any, gen: np.random.Generator) -> Any:
+    """:func:`_next_block` for the Lanczos growth, which already has ``KᵀW`` (a column of ``T``):
+    two classical Gram–Schmidt passes, the first with the known coefficient, one CholeskyQR2 and
+    one verification ``max|KᵀX| <= 10 sqrt(d) eps``; anything unusual (a vanishing block, a failed
+    verification) is handed to :func:`_next_block`, which repeats passes or restarts."""
+    eps = B.eps(xp, W.dtype)
+    Y = W - K @ KtW
+    tiny = xp.linalg.vector_norm(Y, axis=(-2, -1)) <= 1e3 * eps * xp.linalg.vector_norm(W, axis=(-2, -1))
+    if bool(xp.any(tiny)):
+        return _next_block(xp, K, W, gen)
+    Y = Y - K @ (B.mT(xp, K) @ Y)
+    X = _orth(xp, Y)
+    if float(xp.max(xp.abs(B.mT(xp, K) @ X))) <= 10.0 * math.sqrt(int(K.shape[-2])) * eps:
+        return X
+    return _next_block(xp, K, X, gen)
+
+
 def _next_block(xp: ModuleType, K: Any, W: Any, gen: np.random.Generator) -> Any:
     """Orthonormal block spanning ``(I - KKᵀ)W``, orthogonal to the orthonormal ``K``.
 
@@ -350,7 +367,9 @@ def _next_block(xp: ModuleType, K: Any, W: Any, gen: np.random.Generator) -> Any
 _AUTO_RES_TOL = 0.15
 _DEFAULT_OVERSAMPLE = 10  # l and q of the fixed-sketch methods when not given (the RS/SRE-KFAC papers')
 _DEFAULT_N_ITER = 2
-_AUTO_FIRST_CHECK = 2.3  # the residual test starts at 2.3r columns (an eigh of T per test; rarely passes before)
+# the residual test (one eigh of T) runs when the basis first reaches 1.5r, 2r and 2.3r columns and
+# after every block from 2.3r on: fast-decaying factors stop early, flat ones pay few failed tests
+_AUTO_CHECKS = (2.0, 2.3)
 _AUTO_MIN_BLOCK = 16  # narrower products run far below GEMM peak
 _AUTO_DENSE_DIM = 256  # at or below this d (or when 3r >= d) a dense eigh is cheaper and exact
 _AUTO_MAX_FACTOR = 4  # the basis never exceeds 4r columns (then the result is returned, logged)
@@ -384,8 +403,10 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
 
     found: dict[str, Any] = {}
 
+    checks = [math.ceil(f * rank) for f in _AUTO_CHECKS]
+
     def accept(K: Any, T: Any, nxt: Any, image: Any, last: int, ncols: int) -> bool:
-        if ncols <= rank or ncols < min(math.ceil(_AUTO_FIRST_CHECK * rank), cap):
+        if ncols <= rank or (ncols < cap and not _due(checks, ncols, last)):
             return False
         ok, found["eig"] = _ritz_converged(xp, T, nxt, image, rank, last)
         return ok
@@ -407,12 +428,14 @@ def _grow_lanczos(xp: ModuleType, A: Any, b: int, cap: int, gen: np.random.Gener
     blocks = [_orth(xp, A @ _sketch(xp, A, b, gen))]
     image = A @ blocks[0]
     T = B.mT(xp, blocks[0]) @ image
+    KtI = T  # Kᵀ·image: T's last block column, and the first Gram–Schmidt coefficient of the next block
     ncols, last = b, b
     while True:
         K = xp.concat(blocks, axis=-1)
         if ncols >= d:
             return K, T, True
-        nxt = _next_block(xp, K, image[..., : min(b, d - ncols)], gen)
+        width = min(b, d - ncols)
+        nxt = _next_lanczos_block(xp, K, image[..., :width], KtI[..., :width], gen)
         if accept(K, T, nxt, image, last, ncols):
             return K, T, True
         if ncols >= cap:
@@ -421,9 +444,18 @@ def _grow_lanczos(xp: ModuleType, A: Any, b: int, cap: int, gen: np.random.Gener
         C = B.mT(xp, K) @ image
         D = B.mT(xp, nxt) @ image
         T = xp.concat([xp.concat([T, C], axis=-1), xp.concat([B.mT(xp, C), D], axis=-1)], axis=-2)
+        KtI = xp.concat([C, D], axis=-2)
         blocks.append(nxt)
         last = int(nxt.shape[-1])
         ncols += last
+
+
+def _due(checks: list[int], ncols: int, last: int) -> bool:
+    """Is a residual test due at ``ncols`` columns?  At the first block reaching each of
+    ``checks`` (ascending), and after every block past the last of them."""
+    if ncols >= checks[-1]:
+        return True
+    return any(ncols - last < c <= ncols for c in checks)
 
 
 def _ritz_converged(xp: ModuleType, T: Any, nxt: Any, image: Any, rank: int, last: int, eig: Any = None) -> tuple[bool, Any]:
