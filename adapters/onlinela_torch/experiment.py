@@ -20,11 +20,11 @@ optimizer's ``step``, as its contract requires.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import io
 import logging
-import dataclasses
 import math
 import os
 import pathlib
