@@ -625,3 +625,17 @@ def test_adaptive_handles_extreme_scales(xp, data):
     A = xp.asarray(_spd(d, lam, data.draw(st.integers(0, 99))) * s, dtype=xp.float64)
     M = adaptive_randomized_eigh(A, 0.1, rng=0)
     np.testing.assert_allclose(_np(M.eigvals) / s, lam[: M.rank], atol=C_EXACT * d * _eps(xp, A.dtype), rtol=0)
+
+
+def test_auto_default_on_a_stack(xp):
+    """A (2, d, d) stack shares the basis growth (the residual test must pass for every member):
+    each member's error is within the documented 1.2 λ_{r+1} of its own spectrum."""
+    d, r = 300, 12
+    lams = [(1.0 + np.arange(d)) ** -0.7, 0.97 ** np.arange(d)]
+    A = xp.asarray(np.stack([_spd(d, lam, i) for i, lam in enumerate(lams)]), dtype=xp.float64)
+    M = randomized_eigh(A, r, rng=3)
+    assert tuple(M.eigvecs.shape) == (2, d, r)
+    U, w = _np(M.eigvecs), _np(M.eigvals)
+    for i, lam in enumerate(lams):
+        E = _np(A)[i] - (U[i] * w[i]) @ U[i].T
+        assert np.linalg.norm(E, 2) <= 1.2 * lam[r]
