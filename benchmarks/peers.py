@@ -225,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         for lr in args.lrs.split(",")
         for seed in args.seeds.split(",")
     ]
+    env = zoo.environment()  # before the runs: the library the workers import is the one checked out now
     t0 = time.perf_counter()
     runs = []
     if args.workers > 1:
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         budget_unit="process CPU seconds per run", lrs=sorted({s.lr for s in todo}), kw=dict(kw),
         absent={k: v for k, v in avail.items() if v}, versions=versions(),
         tasks={t.name: dict(dataclasses.asdict(t) | {"model": None}) for t in TASKS},
-        environment=zoo.environment(), wall_seconds=time.perf_counter() - t0, summary=summary, runs=runs,
+        environment=env, wall_seconds=time.perf_counter() - t0, summary=summary, runs=runs,
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(zoo.clean(doc), indent=1, allow_nan=False))

@@ -783,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = specs(args)
     default_out = RESULTS / ("zoo_steps.json" if args.mode == "steps" else "zoo.json")
     out = pathlib.Path(args.out) if args.out else default_out
+    env = environment()  # before the runs: the library the workers import is the one checked out now
     t0 = time.perf_counter()
     runs = run_all(todo, args.workers)
     summary = summarize(runs, args.mode)
@@ -793,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         kw=dict(_kv(args.kw, "--kw")), kld_kw=dict(_kv(args.kld_kw, "--kld-kw")),
         tasks={t.name: dict(kind=t.kind, data=t.data, loss=t.loss, reduction=t.reduction, batch=t.batch,
                             budget=t.budget, note=t.note) for t in TASKS if t.name in {s.task for s in todo}},
-        environment=environment(), wall_seconds=time.perf_counter() - t0, summary=summary, runs=runs,
+        environment=env, wall_seconds=time.perf_counter() - t0, summary=summary, runs=runs,
     )  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(clean(doc), indent=1, allow_nan=False))
