@@ -194,6 +194,35 @@ def peers_table(summary: dict[str, Any], runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def peers_rst(summary: dict[str, Any], runs: list[dict]) -> str:
+    """One reST table per task (as :func:`peers_table`) for docs/results.rst."""
+    out = []
+    for task, t in summary["per_task"].items():
+        metric = "squared error / image" if task_by_name(task).kind == "autoencoder" else "accuracy %"
+        header = ["method", "best lr", "held-out loss", "/ min(SGD, Adam)", metric, "step / SGD step"]
+        rows = []
+        order = sorted(t["methods"].items(), key=lambda kv: kv[1]["score"] if kv[1]["score"] is not None else math.inf)
+        for method, c in order:
+            vals = [
+                r.get("final_test_sqerr_per_sample", r.get("final_test_acc"))
+                for r in runs
+                if r["task"] == task and r["method"] == method and r["lr"] == c["best_lr"] and not r["diverged"]
+            ]
+            vals = [v for v in vals if v is not None]
+            rows.append([
+                method, "-" if c["best_lr"] is None else f"{c['best_lr']:g}",
+                "diverged" if c["score"] is None else f"{c['score']:.4f}",
+                "" if c["ratio"] is None else f"{c['ratio']:.2f}",
+                f"{sum(vals) / len(vals):.1f}" if vals else "",
+                "" if c["step_time_vs_sgd"] is None else f"{c['step_time_vs_sgd']:.2f}",
+            ])  # fmt: skip
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        rule = "  ".join("=" * w for w in widths)
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        out += [f"``{task}``:", "", rule, line(header), rule, *map(line, rows), rule, ""]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the peers benchmark; write JSON + PNG; print the table."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -206,7 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kw", nargs="*", default=[], help="extra KFACPreconditioner options for the onlinela runs")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", default=str(zoo.RESULTS / "peers.json"))
+    p.add_argument("--report", default=None, help="print the tables (text and reST) of a written JSON; runs nothing")
     args = p.parse_args(argv)
+    if args.report:
+        doc = json.loads(pathlib.Path(args.report).read_text())
+        for r in doc["runs"]:  # strict JSON wrote non-finite scores as null
+            r["score"] = math.inf if r["score"] is None else r["score"]
+        summary = zoo.summarize(doc["runs"])
+        print(peers_table(summary, doc["runs"]), peers_rst(summary, doc["runs"]), sep="\n\n")
+        return 0
     avail = availability()
     for name, why in avail.items():
         if why:
