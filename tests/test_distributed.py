@@ -217,6 +217,10 @@ def _worker(out: str) -> None:
     res["bad_method"] = _expect_error(
         lambda: DistributedKFACPreconditioner(_model(), method="kfac" if rank == 0 else "rs-kfac", **OPTIONS)
     )
+    res["bad_mode"] = _expect_error(lambda: DistributedKFACPreconditioner(_model(), mode="fast", **OPTIONS))
+    res["mixed_modes"] = _expect_error(
+        lambda: DistributedKFACPreconditioner(_model(), mode="memory" if rank else "replicate", **OPTIONS)
+    )
     res["bad_layers"] = _expect_error(
         lambda: DistributedKFACPreconditioner(_model(), skip_layers=["4"] if rank else [], **OPTIONS)
     )
@@ -372,6 +376,8 @@ def test_mismatched_configuration_is_a_clear_error_on_every_rank(two_ranks):
     for r in range(2):
         assert "configured differently" in res[r]["bad_method"] and "method" in res[r]["bad_method"]
         assert "configured differently" in res[r]["bad_layers"] and "layers" in res[r]["bad_layers"]
+        assert "`mode`" in res[r]["bad_mode"] and "'fast'" in res[r]["bad_mode"]
+        assert "configured differently" in res[r]["mixed_modes"] and "mode: rank 0='replicate'" in res[r]["mixed_modes"]
         assert "ranks disagree" in res[r]["bad_capture"] and "'4'" not in res[r]["bad_capture"]
         assert "4: kinds/dims" in res[r]["bad_capture"]
 
