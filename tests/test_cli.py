@@ -421,3 +421,16 @@ def test_compare_records_the_task_defaults(tmp_path, capsys):
                       "--epochs", "1", "--optimizers", "sgd", "--lr", "0.1", "--kfac-momentum", "0.5",
                       "--out", str(tmp_path)], capsys)
     assert json.loads((tmp_path / "compare.json").read_text())["config"]["kfac_momentum"] == 0.5
+
+
+def test_resume_compares_the_resolved_weight_decay(tmp_path, capsys):
+    args = ["train", *TINY, "--max-train", "64", "--optimizer", "adamw", "--lr", "0.01"]
+    ckpt = tmp_path / "c.pt"
+    assert run([*args, "--epochs", "1", "--checkpoint", str(ckpt), "--out", str(tmp_path)], capsys)[0] == 0
+    assert torch.load(ckpt, weights_only=True)["config"]["weight_decay"] == 0.01  # adamw's default, spelled out
+    code, _, err = run([*args, "--epochs", "2", "--weight-decay", "0.01", "--checkpoint", str(ckpt), "--resume",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 0, err  # the same decay, given explicitly
+    code, _, err = run([*args, "--epochs", "3", "--weight-decay", "0", "--checkpoint", str(ckpt), "--resume",
+                        "--out", str(tmp_path)], capsys)
+    assert code == 2 and "weight_decay=0.01 (now 0.0)" in err

@@ -451,12 +451,14 @@ def _train(args: argparse.Namespace) -> int:
         raise CLIError(f"--resume: no checkpoint at {args.checkpoint}")
     if args.checkpoint:
         _check_writable(args.checkpoint)
-    lr = args.lr or ex.available_optimizers()[name].lr
+    spec = ex.available_optimizers()[name]
+    lr = args.lr or spec.lr
     batch = args.batch_size or task.batch_size
     epochs = args.epochs or task.epochs
+    # the resolved weight decay, so that checkpoints of runs with the same settings match however they were spelled
     config = {"task": task.name, "optimizer": name, "lr": lr, "seed": args.seed, "batch_size": batch,
               "width": args.width, "momentum": args.momentum, "kfac_momentum": args.kfac_momentum,
-              "weight_decay": args.weight_decay,
+              "weight_decay": spec.weight_decay if args.weight_decay is None else args.weight_decay,
               "kfac_options": _kfac_options(args)}
     resume = args.resume == "required" or (args.resume == "auto" and _checkpoint_exists(args.checkpoint))
     if args.resume == "auto" and not resume:
