@@ -67,7 +67,8 @@ def _mlp(seed=0, widths=(6, 9, 7, 4)):
 
 
 def _opts(**kw):
-    o = dict(factor_update_freq=1, inv_update_freq=1, kl_clip=None, factor_dtype=DT, inv_dtype=DT, damping=0.02)
+    o = dict(factor_update_freq=1, inv_update_freq=1, kl_clip=None, factor_dtype=DT, inv_dtype=DT, damping=0.02,
+             graft=None)  # the exact damped inverse, unscaled
     o.update(kw)
     return o
 

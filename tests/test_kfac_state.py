@@ -187,7 +187,8 @@ def test_bad_configs_and_models_are_rejected():
     with pytest.raises(ValueError, match="correction_period"):
         BrandConfig(correction_period=0)
     with pytest.raises(ValueError, match="no supported layer"):
-        KFACPreconditioner(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+        KFACPreconditioner(nn.Sequential(nn.ReLU(), nn.PReLU()))
+    assert list(KFACPreconditioner(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3))).blocks.blocks) == ["1"]
     with pytest.raises(ValueError, match="no supported layer"):
         KFACPreconditioner(_mlp(), skip_layers=[nn.Linear])
     with pytest.raises(ValueError, match="factor_update_freq"):

@@ -405,6 +405,7 @@ class KLDWRM:
                 f"empirical Fisher), got {fisher!r}"
             )
         preconditioner_options.setdefault("low_rank_grad", False)
+        preconditioner_options.setdefault("graft", None)  # the wake step keeps its natural-gradient length
         self.model = model
         self.optimizer = optimizer
         self.variant = variant

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -48,6 +49,7 @@ from .factors import (
     RankPolicy,
     as_rank_policy,
 )
+from .blocks import BlockContext, BlockSet, Uncovered, build_blocks
 from .logs import WarningCounter
 from .modules import LayerHelper, LinearHelper, g_scale, helper_for
 
@@ -205,10 +207,10 @@ class KFACPreconditioner:
         ``"b-kfac-c"``: plus a Rayleigh–Ritz correction.  Factors that are too
         small for a Brand update use RS-KFAC.
     lr : float or callable of the step
-        Learning rate, used by the KL clip only (the optimizer applies its own).
-        The bundled optimizers pass their current ``param_groups[0]["lr"]``.
+        Learning rate, used by the KL clip only (the optimizer applies its own),
+        when no ``optimizer`` is given.
     damping : float > 0 or callable of the step
-        Relative damping ``λ``.  Product convention: ``λ' = λ · max eig G · max eig A``;
+        Relative damping ``λ`` (default ``1e-2``, chosen on the task zoo, docs/tuning.rst).  Product convention: ``λ' = λ · max eig G · max eig A``;
         per-factor convention: ``μ_X = √λ · max eig X`` (the same floor
         ``λ · max eig A · max eig G`` under the damped Kronecker product, so
         methods compare at one ``λ``; the papers' per-factor ``λ_f`` is ``damping = λ_f²``).
@@ -224,7 +226,9 @@ class KFACPreconditioner:
     oversample, n_iter : int >= 0
         Oversampling ``l`` and power/subspace iterations ``q`` of the randomized sketches.
     kl_clip : float > 0 or None
-        ``κ`` of the KL clip ``ν = min(1, sqrt(κ / |Σ v·g·lr²|))``; None disables it.
+        ``κ`` of the KL clip ``ν = min(1, sqrt(κ / |Σ v·g·η²|))``, ``η`` the applied
+        step length (:meth:`effective_lr`: ``lr/(1-β)`` under momentum ``β``);
+        None (default) disables it.  The papers used ``1e-3`` – ``0.3`` with ``graft=None``.
     rms_clip : float > 0 or None
         The papers' per-layer RMS cap ``ν_l = min(1, κ / rms(v_l))`` (0.07 in
         their CIFAR runs); applied before the KL clip.  None (default) disables it.
@@ -270,6 +274,24 @@ class KFACPreconditioner:
         Clock of the per-phase seconds in :meth:`stats` (default
         ``time.perf_counter``; e.g. ``time.process_time`` for CPU time, or a
         function that calls ``torch.cuda.synchronize()`` first for exact GPU phases).
+    optimizer : torch.optim.Optimizer, optional
+        The optimizer this preconditioner feeds: the KL clip reads its current
+        ``lr`` and ``momentum`` (so LR schedulers act on both).
+    warmup : bool
+        During the first ``T_inv`` steps, statistics on every step and
+        decompositions after 1, 4, 16, ... batches (default True), so that no
+        decomposition of a barely filled factor is kept for a whole period.
+    damping_scale : {"max", "mean"}
+        The factor scale ``s_X`` the relative damping multiplies: the largest
+        eigenvalue (default) or the mean eigenvalue ``tr(X)/d`` (trace norm, as
+        π-adjusted Tikhonov damping).
+    graft : {"unit", "sgd"} or None
+        Step length of the preconditioned direction.  ``"unit"`` (default):
+        each layer's direction is rescaled to its gradient's norm divided by
+        the running RMS of the total gradient norm, so one step has length
+        ``≈ lr`` whatever the scale of the loss (mean or sum, targets ×100);
+        ``"sgd"``: to its gradient's norm (SGD's step length); None: the
+        natural-gradient length (the papers; use with ``kl_clip``).  See docs/tuning.rst.
 
     Notes
     -----
@@ -290,14 +312,14 @@ class KFACPreconditioner:
         *,
         method: str = "kfac",
         lr: FloatSchedule = 0.1,
-        damping: FloatSchedule = 1e-3,
+        damping: FloatSchedule = 1e-2,
         factor_decay: float = 0.95,
         factor_update_freq: IntSchedule = 10,
         inv_update_freq: IntSchedule = 50,
         rank: int | Callable[[int], int] | RankPolicy = 220,
         oversample: int = 10,
         n_iter: int = 3,
-        kl_clip: float | None = 1e-3,
+        kl_clip: float | None = None,
         rms_clip: float | None = None,
         damping_convention: Literal["product", "factor"] | None = None,
         complement: Literal["zero", "min"] = "min",
@@ -315,7 +337,7 @@ class KFACPreconditioner:
         optimizer: torch.optim.Optimizer | None = None,
         warmup: bool = True,
         damping_scale: Literal["max", "mean"] = "max",
-        graft: Literal["sgd", "unit"] | None = None,
+        graft: Literal["sgd", "unit"] | None = "unit",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
@@ -382,13 +404,20 @@ class KFACPreconditioner:
         self._grad_sq_count = 0
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
-        selected = _select_layers(model, layers, skip_layers)
+        self._warn = WarningCounter(logger)
+        self.blocks, covered = self._build_blocks(model, layers, skip_layers)
+        selected = [entry for entry in _select_layers(model, layers, skip_layers, allow_empty=True) if entry[0] in covered]
+        if not selected and not self.blocks.blocks:
+            raise ValueError(
+                "no supported layer selected in the model (see docs/layers.rst); check `layers` / `skip_layers`"
+            )
         self.layers: dict[str, KFACLayer] = {
             name: KFACLayer(i, name, m, h, thin and isinstance(h, LinearHelper)) for i, (name, m, h) in enumerate(selected)
         }
         self._by_module = {layer.module: layer for layer in self.layers.values()}
         self._handles = [layer.module.register_forward_hook(self._forward_hook) for layer in self.layers.values()]
-        self._warn = WarningCounter(logger)
+        self._handles.append(self._ctx.watch(model))
+        self.blocks.attach()
         self._paused = False
         #: multiplies the damping schedule (the Levenberg–Marquardt rule of the optimizer classes adapts it)
         self.damping_factor = 1.0
@@ -401,6 +430,47 @@ class KFACPreconditioner:
         self._sampling: float | None = None  # weight of the sampled-label backward in progress
         self._fisher_gen: torch.Generator | None = None
         self._fisher_gen_state: torch.Tensor | None = None
+
+    def _build_blocks(
+        self, model: nn.Module, layers: Sequence[LayerSelector] | None, skip_layers: Sequence[LayerSelector]
+    ) -> tuple[BlockSet, set[str]]:
+        """Curvature blocks for every selected module the Kronecker layers do not handle.
+
+        ``nn.Linear`` / ``nn.Conv2d`` keep this class's own path (thin gradients,
+        distributed, KLD-WRM); the blocks of :mod:`onlinela_torch.blocks` cover
+        attention, embeddings, normalisation layers, Conv1d and user-registered
+        types.  Returns the blocks and the names of the Linear/Conv2d modules
+        the Kronecker path may take (a Linear inside an attention block is the
+        block's, e.g. ``out_proj``).
+        """
+        self._ctx = BlockContext(
+            plan=lambda: self._plan(self.steps),
+            fisher=self.fisher,
+            loss_reduction=self.loss_reduction,
+            grad_scale=self._grad_scale,
+            factor_decay=self.factor_decay,
+            factor_dtype=self.factor_dtype,
+            inv_dtype=self.inv_dtype,
+            damping_convention=self.damping_convention,
+            complement=self.complement,
+            make_factor=self._block_factor,
+            kron_solve=lambda G, A, X, damping: apply_inverse(
+                G, A, X, damping, self.damping_convention, self.complement, self.damping_scale
+            ),
+            timer=self._timer,
+        )
+        built = build_blocks(model, self._ctx, select=lambda name, m: _selected(name, m, layers, skip_layers))
+        kron = {n for n, b in built.blocks.items() if type(b.module) in (nn.Linear, nn.Conv2d)}
+        extra = {n: b for n, b in built.blocks.items() if n not in kron}
+        if extra and distributed_group_size() > 1:
+            for n, b in extra.items():
+                for pname, _ in b.params():
+                    built.uncovered.append(Uncovered(f"{n}.{pname}" if n else pname, type(b.module).__name__,
+                                                     "curvature blocks do not run under torch.distributed yet"))
+            self._warn.warn("blocks_distributed", "%d curvature block(s) (%s) are not distributed yet; their "
+                            "parameters keep the plain gradient", len(extra), ", ".join(sorted(extra)))
+            extra = {}
+        return BlockSet(blocks=extra, uncovered=built.uncovered, shared=built.shared), kron
 
     def __new__(cls, *args: Any, **kwargs: Any) -> KFACPreconditioner:
         """Under a ``torch.distributed`` group of several ranks, a :class:`~onlinela_torch.DistributedKFACPreconditioner`."""
@@ -503,7 +573,7 @@ class KFACPreconditioner:
             return self._plan_cache[1]
         brand_method = self.method in _BRAND
         t_inv = self._t_inv(k)
-        # warm-up (first T_inv steps): statistics every step, decompositions after 1, 2, 4, 8, ... batches,
+        # warm-up (first T_inv steps): statistics every step, decompositions after 1, 4, 16, ... batches,
         # so no decomposition of a barely filled factor is kept for a whole T_inv period
         warm = self.warmup and k < t_inv
         ea = k % self._t_updt(k) == 0 or warm
@@ -511,7 +581,7 @@ class KFACPreconditioner:
         plan = _Plan(
             ea=ea,
             brand=brand,
-            decompose=k % t_inv == 0 or (warm and (k + 1) & k == 0),
+            decompose=k % t_inv == 0 or (warm and _is_power_of_4(k + 1)),
             overwrite=self.method in ("br-kfac", "b-kfac-c") and k % (self._overwrite(k) * self._t_inv(k)) == 0,
             correct=self.method == "b-kfac-c" and brand and (self._brand_updates + 1) % self._correction(k) == 0,
         )
@@ -533,14 +603,26 @@ class KFACPreconditioner:
             return f
         dim = layer.helper.a_dim if which == "A" else layer.helper.g_dim
         rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(layer.index, int(which == "G"))))
+        f = self._new_factor(dim, f"{layer.name or '<model>'}/{which}", s, layer.module.weight.device, rng, kind)
+        setattr(layer, which, f)
+        return f
+
+    def _block_factor(self, dim: int, name: str, *, rows: int, device: torch.device, kind: str | None = None) -> FactorState:
+        """The :class:`~onlinela_torch.blocks.FactorMaker` of the curvature blocks: this method's strategy."""
+        rng = np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=(zlib.crc32(name.encode()),)))
+        return self._new_factor(dim, name, rows, device, rng, kind)
+
+    def _new_factor(
+        self, dim: int, name: str, s: int, device: torch.device, rng: np.random.Generator, kind: str | None
+    ) -> FactorState:
         common = dict(
             decay=self.factor_decay,
             rank=self.rank_policy,
             dtype=self.factor_dtype,
             inv_dtype=self.inv_dtype,
-            device=layer.module.weight.device,
+            device=device,
             rng=rng,
-            name=f"{layer.name or '<model>'}/{which}",
+            name=name,
             warn=self._warn,
         )
         if kind is None:
@@ -558,8 +640,7 @@ class KFACPreconditioner:
             )
         else:
             raise ValueError(f"unknown factor kind {kind!r} in checkpoint")
-        setattr(layer, which, f)
-        logger.debug("factor %s: %s, d=%d", common["name"], kind, dim)
+        logger.debug("factor %s: %s, d=%d", name, kind, dim)
         return f
 
     def _kind_for(self, dim: int, s: int) -> str:
@@ -624,6 +705,7 @@ class KFACPreconditioner:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self.blocks.detach()
 
     # ================================================================== true Fisher
     def fisher_backward(
@@ -699,7 +781,9 @@ class KFACPreconditioner:
                 vecs = [torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype) for _ in range(n_samples)]
             weight = 1.0 / n_samples
         weights = [layer.module.weight for layer in self.layers.values() if layer.module.weight.requires_grad]
+        weights += self.blocks.fisher_params()
         self._sampling = weight
+        self._ctx.sampling = weight
         try:
             for v in vecs:
                 torch.autograd.grad(
@@ -707,6 +791,7 @@ class KFACPreconditioner:
                 )
         finally:
             self._sampling = None
+            self._ctx.sampling = None
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if self._fisher_gen is None or self._fisher_gen.device != device:
@@ -755,7 +840,9 @@ class KFACPreconditioner:
                             "left unchanged (call loss.backward() before each step())", k)
             return True
         plan = self._plan(k)  # evaluates (and validates) the schedules at k
-        has_grad = any(layer.module.weight.grad is not None for layer in self.layers.values())
+        has_grad = any(layer.module.weight.grad is not None for layer in self.layers.values()) or any(
+            p.grad is not None for b in self.blocks.blocks.values() for _, p in b.params()
+        )
         if not has_grad:
             self._warn.warn("no_gradient", "step %d: no preconditioned layer has a gradient (no backward() since the "
                             "last step?); statistics folded in, nothing preconditioned", k)
@@ -773,6 +860,9 @@ class KFACPreconditioner:
             with torch.autocast(device_type, enabled=False):  # full-precision linear algebra
                 for layer in self.layers.values():
                     self._update_layer(layer, plan, lam, k)
+                t0 = self._timer()
+                self.blocks.update(decompose=plan.decompose, damping=lam, step=k)
+                self._seconds["decomposition"] += self._timer() - t0
                 if plan.brand:
                     self._brand_updates += 1
                 return self._precondition_step(k, lam) if has_grad else False
@@ -830,6 +920,7 @@ class KFACPreconditioner:
                             k, ", ".join(bad))
             for p in self.model.parameters():
                 p.grad = None
+            self.blocks.discard()
             self._seconds["preconditioning"] += self._timer() - t0
             return False
         thin_ok = {
@@ -850,25 +941,30 @@ class KFACPreconditioner:
                 v = v * torch.clamp(self.rms_clip / rms, max=1.0).to(v.dtype)
             vs.append(v)
             layer.seconds["preconditioning"] += self._timer() - t1
+        block_out = list(self.blocks.precondition(lam).items())  # (parameter, preconditioned gradient)
+        gs = [g for _, g in entries] + [p.grad for p, _ in block_out]
+        vs += [v for _, v in block_out]
         if self.graft is not None:
-            vs = [_graft(v, g) for v, (_, g) in zip(vs, entries)]
+            vs = [_graft(v, g) for v, g in zip(vs, gs)]
             if self.graft == "unit":
-                vs = self._unit_scale(vs, entries)
-        if self.kl_clip is not None and entries:
+                vs = self._unit_scale(vs, gs)
+        if self.kl_clip is not None and vs:
             lr = self.effective_lr(k)
-            vg = sum(torch.dot(v.reshape(-1).float(), g.reshape(-1).float()) for v, (_, g) in zip(vs, entries)) * lr**2
+            vg = sum(torch.dot(v.reshape(-1).float(), g.reshape(-1).float()) for v, g in zip(vs, gs)) * lr**2
             nu = torch.clamp(torch.sqrt(self.kl_clip / vg.abs()), max=1.0)
             vs = [v * nu.to(v.dtype) for v in vs]
         for (layer, _), v in zip(entries, vs):
             layer.helper.set_grad_matrix(v)
             w = layer.module.weight.grad
             layer.written = (id(w), w._version)
+        for (p, _), v in zip(block_out, vs[len(entries) :]):
+            p.grad.copy_(v.reshape(p.grad.shape).to(p.grad.dtype))
         self._seconds["preconditioning"] += self._timer() - t0
         return True
 
-    def _unit_scale(self, vs: list[torch.Tensor], entries: list[tuple[KFACLayer, torch.Tensor]]) -> list[torch.Tensor]:
+    def _unit_scale(self, vs: list[torch.Tensor], gs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Divide by the running RMS of the total gradient norm: steps of length ``≈ lr``, whatever the loss scale."""
-        sq = float(sum(torch.sum(g.float() * g.float()) for _, g in entries))
+        sq = float(sum(torch.sum(g.float() * g.float()) for g in gs))
         beta = _UNIT_DECAY
         self._grad_sq = beta * self._grad_sq + (1 - beta) * sq
         self._grad_sq_count += 1
@@ -995,6 +1091,7 @@ class KFACPreconditioner:
                 }
                 for name, layer in self.layers.items()
             },
+            "blocks": self.blocks.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -1016,6 +1113,10 @@ class KFACPreconditioner:
                             f"layer {name!r}: the state's {which} factor {what} has shape {shape}, this model's "
                             f"{which} factor has dimension {dim} (a state of a different model?)"
                         )
+        blocks_sd = state_dict.get("blocks", {})
+        if set(blocks_sd) != set(self.blocks.blocks):
+            raise ValueError(f"the state holds curvature blocks {sorted(blocks_sd)}, the model has {sorted(self.blocks.blocks)}")
+        self.blocks.load_state_dict(blocks_sd)  # checks every shape (ValueError naming the block)
         self.steps = int(state_dict["steps"])
         self._brand_updates = int(state_dict["brand_updates"])
         self._skipped_steps = int(state_dict["skipped_steps"])
@@ -1069,6 +1170,9 @@ class KFACPreconditioner:
             "warnings": self._warn.as_dict(),
             "seconds": dict(self._seconds),
             "layers": layers,
+            "blocks": self.blocks.stats()["blocks"],
+            "uncovered": [vars(u) for u in self.blocks.uncovered],
+            "shared": [list(t) for t in self.blocks.shared],
         }
 
 
@@ -1257,8 +1361,28 @@ def _matches(name: str, module: nn.Module, selectors: Sequence[LayerSelector]) -
     return False
 
 
+def _is_power_of_4(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0 and (n.bit_length() - 1) % 2 == 0
+
+
+def distributed_group_size() -> int:
+    """World size of the default ``torch.distributed`` group (1 when none is initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _selected(name: str, module: nn.Module, layers: Sequence[LayerSelector] | None, skip: Sequence[LayerSelector]) -> bool:
+    if _matches(name, module, skip):
+        return False
+    return layers is None or _matches(name, module, layers)
+
+
 def _select_layers(
-    model: nn.Module, layers: Sequence[LayerSelector] | None, skip_layers: Sequence[LayerSelector]
+    model: nn.Module,
+    layers: Sequence[LayerSelector] | None,
+    skip_layers: Sequence[LayerSelector],
+    *,
+    allow_empty: bool = False,
 ) -> list[tuple[str, nn.Module, LayerHelper]]:
     for sel, arg in ((layers or (), "layers"), (skip_layers, "skip_layers")):
         if isinstance(sel, (str, type)):
@@ -1283,7 +1407,7 @@ def _select_layers(
             logger.debug("layer %s is frozen; not preconditioned", name)
             continue
         out.append((name, m, helper))
-    if not out:
+    if not out and not allow_empty:
         raise ValueError(
             "no supported layer (nn.Linear, nn.Conv2d with groups=1) selected in the model; "
             "check `layers` / `skip_layers`"
