@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import json
 import logging
 import math
@@ -441,7 +442,16 @@ _RESUME_KEYS = ("task", "optimizer", "lr", "seed", "batch_size", "width", "momen
 def _train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not dp.distributed_active():
         return _spawn_train(args)
-    _join_torchrun(args)
+    joined = _join_torchrun(args)
+    try:
+        return _train_joined(args)
+    finally:
+        if joined:  # the teardown order of spawn(): no gloo thread outlives the interpreter's shutdown
+            gc.collect()
+            torch.distributed.destroy_process_group()
+
+
+def _train_joined(args: argparse.Namespace) -> int:
     task = _task(args)
     name = _optimizer_names([args.optimizer], task)[0]
     _check_kfac_options(_kfac_options(args), [name])
@@ -590,15 +600,16 @@ def _train_rank(args: argparse.Namespace) -> int:
         return 2
 
 
-def _join_torchrun(args: argparse.Namespace) -> None:
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join its process group, one GPU per local rank."""
+def _join_torchrun(args: argparse.Namespace) -> bool:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join its process group, one GPU per local rank; whether it joined."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
-        return
+        return False
     cuda = _device(args.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         args.device = f"cuda:{torch.cuda.current_device()}"
     torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return True
 
 
 def _data_parallel(model: torch.nn.Module, stepper: ex.Stepper, batch: int) -> torch.nn.Module:

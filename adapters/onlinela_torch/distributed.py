@@ -282,6 +282,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             "assignment": type(self.assignment).__name__,
             "average_gradients": self.average_gradients,
             "mode": self.mode,
+            "step_rules": (self.warmup, self.damping_scale, self.graft, self.damping_factor),
         }
 
     def _check_config(self) -> None:
