@@ -1,5 +1,6 @@
 """onlinela_torch: PyTorch adapters for the K-FAC family built on :mod:`onlinela`."""
 
+from .blocks import BlockContext, CurvatureBlock, register_block
 from .distributed import AssignmentPolicy, DistributedKFACPreconditioner, GreedyAssignment, distribute
 from .factors import AdaptiveRank, ErrorTargetRank, FactorEigen, FactorState, RankPolicy
 from .kldwrm import KLDWRM, KLDWRMConfig
@@ -12,9 +13,11 @@ __all__: list[str] = [
     "AdaptiveRank",
     "AssignmentPolicy",
     "BKFAC",
+    "BlockContext",
     "BKFACC",
     "BRKFAC",
     "BrandConfig",
+    "CurvatureBlock",
     "DistributedKFACPreconditioner",
     "ErrorTargetRank",
     "FactorEigen",
@@ -33,4 +36,5 @@ __all__: list[str] = [
     "damped_solve",
     "distribute",
     "factor_scale",
+    "register_block",
 ]
