@@ -209,9 +209,11 @@ def _worker(out: str) -> None:
             "stats": precond.stats()["distributed"],
             "precondition": precond.precondition(probe),  # collective
         }
-    # KFACPreconditioner under a process group builds the distributed class (a rank schedule's lambda
-    # has a different address on each rank: not a mismatch)
-    auto = KFACPreconditioner(_model(), **{**OPTIONS, "rank": lambda step: 8})
+    # KFACPreconditioner(...) is always a KFACPreconditioner (warned under a group); distribute() makes it
+    # distributed (a rank schedule's lambda has a different address on each rank: not a mismatch)
+    plain = KFACPreconditioner(_model(), **{**OPTIONS, "rank": lambda step: 8})
+    res["plain"] = (type(plain).__name__, plain.stats()["warnings"].get("not_distributed", 0))
+    auto = distribute(KFACPreconditioner(_model(), **{**OPTIONS, "rank": lambda step: 8}))
     res["auto"] = (type(auto).__name__, auto.average_gradients)
     # mismatched configurations fail on every rank, without a hang
     res["bad_method"] = _expect_error(
@@ -351,6 +353,7 @@ def test_memory_mode_checkpoint_is_complete_on_rank_0(two_ranks):
 def test_kfac_preconditioner_is_distributed_automatically_under_a_process_group(two_ranks):
     _, res = _ok(two_ranks)
     assert res[0]["auto"] == res[1]["auto"] == ("DistributedKFACPreconditioner", True)
+    assert res[0]["plain"] == res[1]["plain"] == ("KFACPreconditioner", 1)
 
 
 def test_pluggable_assignment_policy(two_ranks):

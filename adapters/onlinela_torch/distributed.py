@@ -677,9 +677,11 @@ def distribute(
     For preconditioners built by someone else, e.g. ``opt.preconditioner`` of
     :class:`~onlinela_torch.RSKFAC`: call it on every rank before the first
     step (before loading a checkpoint).  Returns ``preconditioner`` unchanged
-    when no multi-rank process group is initialised; when it is already
-    distributed (``KFACPreconditioner(...)`` under a process group builds a
-    :class:`DistributedKFACPreconditioner`), only ``average_gradients`` is set.
+    when no multi-rank process group is initialised; when it is already a
+    :class:`DistributedKFACPreconditioner`, only ``average_gradients`` is set.
+    ``KFACPreconditioner(...)`` itself never synchronises ranks (it warns under
+    a process group): this function, or constructing
+    :class:`DistributedKFACPreconditioner` directly, is the explicit choice.
 
     Parameters
     ----------
@@ -697,7 +699,7 @@ def distribute(
     KFACPreconditioner
         The same object, now a :class:`DistributedKFACPreconditioner`.
     """
-    if isinstance(preconditioner, DistributedKFACPreconditioner):  # built so: KFACPreconditioner under a group
+    if isinstance(preconditioner, DistributedKFACPreconditioner):
         preconditioner.average_gradients = bool(average_gradients)
         return preconditioner
     if not distributed_active(group):

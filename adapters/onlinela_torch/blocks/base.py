@@ -201,7 +201,7 @@ class BlockContext:
                 raise TypeError(f"`{name}` must be callable, got {type(getattr(self, name)).__name__}")
 
     def _apply_inverse(self, G: Any, A: Any, X: torch.Tensor, damping: float) -> torch.Tensor:
-        from ..preconditioner import apply_inverse  # the one implementation (imported late: no cycle)
+        from ..inverse import apply_inverse  # the one implementation
 
         return apply_inverse(G, A, X, damping, self.damping_convention, self.complement)
 

@@ -116,7 +116,7 @@ class EmbeddingBlock(CurvatureBlock):
         U, g = e.approx.eigvecs, e.approx.eigvals
         if self.ctx.damping_convention == "factor":
             rel = math.sqrt(damping)
-            from ..preconditioner import damped_solve  # the one implementation (imported late: no cycle)
+            from ..inverse import damped_solve  # the one implementation
 
             V = damped_solve(e, X, rel * e.max_eig, self.ctx.complement, side="right") / (a + rel * a_max)[:, None]
         else:
