@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, strategies as st
 
 from onlinela import LowRankPSD, brand_update, empty_lowrank, rayleigh_ritz_refresh
-from onlinela.online import _brand_update
 from onlinela.testing import assert_allclose_dtype, assert_orthonormal, to_numpy
 from onlinela.testing import strategies as ost
 
@@ -125,7 +124,7 @@ def test_long_stream_tracks_dense_ea(xp, dtype_name):
         Xb = xp.asarray(X, dtype=dtype)
         Xd = _np(Xb)
         dense = decay * dense + (1 - decay) * Xd @ Xd.T
-        step = _brand_update(trunc, Xb, decay)
+        step = brand_update(trunc, Xb, decay=decay, check_inputs=False)
         s = _np(step.eigvals)
         bound = decay * bound + (s[r] if s.size > r else 0.0)
         trunc = step.truncate(r)
@@ -245,7 +244,7 @@ def test_nonfinite_X_raises_and_never_builds_a_state(xp):
         with pytest.raises(ValueError, match="`X` must be finite"):
             brand_update(M, xp.asarray(X), decay=0.9)
         with pytest.raises(ValueError, match="finite"):  # the unvalidated hot-loop path refuses too
-            _brand_update(M, xp.asarray(X), 0.9)
+            brand_update(M, xp.asarray(X), decay=0.9, check_inputs=False)
     assert np.array_equal(_np(M.eigvecs), before[0]) and np.array_equal(_np(M.eigvals), before[1])
 
 
