@@ -925,7 +925,10 @@ def randomized_eigh(
     Nyström, SVD and Krylov, BLAS-3 Cholesky-QR for every re-orthonormalisation,
     one ``(r+l)``-square eigensolver (``(q+1)(r+l)`` for Krylov), and one
     ``O(d^2)`` validation pass (symmetry and finiteness together).  Memory ``O(d (r+l))`` beyond
-    ``A``.  The error satisfies ``||A - U diag(w) Uᵀ||_2 >= λ_{r+1}``
+    ``A``.  ``"auto"``: ``k/b + 1`` products of ``b`` columns for a final basis
+    of ``k`` columns (``2r <= k <= 4r``), block Gram–Schmidt ``O(d k^2)`` and
+    one ``k``-square ``eigh`` per residual test (2–3 tests typically).
+    The error satisfies ``||A - U diag(w) Uᵀ||_2 >= λ_{r+1}``
     (Eckart–Young) and, in expectation, the Halko–Martinsson–Tropp bound (see
     ``docs/math/randomized.rst``).
 
