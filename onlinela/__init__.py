@@ -11,6 +11,7 @@ from .decay import (
     ea_rank_for_tolerance,
     ea_stream_eigenvalue_bound,
 )
+from .dense import eigh
 from .lowrank import LowRankPSD
 from .online import brand_update, empty_lowrank, rayleigh_ritz_refresh
 from .randomized import (
@@ -32,6 +33,7 @@ __all__ = [
     "ea_rank_for_inverse_error",
     "ea_rank_for_tolerance",
     "ea_stream_eigenvalue_bound",
+    "eigh",
     "empty_lowrank",
     "estimate_spectral_error",
     "randomized_eigh",

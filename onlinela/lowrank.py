@@ -87,9 +87,6 @@ class LowRankPSD:
         object.__setattr__(obj, "complement", complement)
         return obj
 
-    # the pre-0.2 private name, still used by adapters/onlinela_torch/kldwrm.py and its tests
-    _trusted = unchecked
-
     # ------------------------------------------------------------------ properties
     @property
     def xp(self) -> ModuleType:

@@ -88,3 +88,18 @@ def test_get_namespace_errors():
         B.get_namespace(np.ones(2), [1.0], names=("a", "b"))
     with pytest.raises(TypeError, match="one array library"):
         B.get_namespace(np.ones(2), torch.ones(2), names=("a", "b"))
+
+
+@given(data=st.data())
+def test_public_eigh_reconstructs_and_is_descending(xp, data):
+    """onlinela.eigh (the public guarded eigh): U diag(w) Uᵀ = A to c·sqrt(d)·eps·||A|| (c = 10), checked or not."""
+    import onlinela
+
+    case = data.draw(ost.psd_cases(xp, dims=st.integers(1, 24)))
+    for check in (True, False):
+        w, U = onlinela.eigh(case.matrix, check_inputs=check)
+        wn, Un = to_numpy(w), to_numpy(U)
+        assert np.all(wn[:-1] >= wn[1:])
+        assert_orthonormal(U)
+        assert_allclose_dtype(xp.asarray((Un * wn) @ Un.T), to_numpy(case.matrix), dim=case.matrix.shape[0],
+                              scale=max(float(case.eigvals[0]), 1e-30))

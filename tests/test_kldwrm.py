@@ -153,7 +153,7 @@ def test_low_rank_augmentation_by_brand_equals_the_dense_sum():
     d, r, R, alpha = 41, 5, 8, 0.3
     U = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0]
     w = torch.tensor([5.0, 4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
-    e = FactorEigen(LowRankPSD._trusted(U, w), 5.0, 0.5)
+    e = FactorEigen(LowRankPSD.unchecked(U, w), 5.0, 0.5)
     X = torch.randn(R, d, dtype=torch.float64)
     out = kld._augment(e, _LocalFactor(rows=X), alpha)
     assert out.approx.rank == r + R < d

@@ -297,6 +297,14 @@ def _catalogue() -> list[Case]:
     c += _real_cases("ea_rank_for_inverse_error", lambda xp, v: ri(0.1, **{**good_ri, "decay": v}), "decay", [1.0])
     c += _nonneg_int_cases("ea_rank_for_inverse_error", lambda xp, v: ri(0.1, **{**good_ri, "increment_rank": v}), "increment_rank", low=1)
     c += _real_cases("ea_rank_for_inverse_error", lambda xp, v: ri(0.1, **{**good_ri, "increment_norm": v}), "increment_norm", [-1.0])
+    eg = ol.eigh
+    c += [
+        Case("eigh: A 1-D", lambda xp: eg(xp.ones(4, dtype=xp.float64)), ValueError, "A"),
+        Case("eigh: A not square", lambda xp: eg(xp.ones((4, 3), dtype=xp.float64)), ValueError, "A"),
+        Case("eigh: A integer", lambda xp: eg(xp.ones((3, 3), dtype=xp.int64)), TypeError, "A"),
+        Case("eigh: A non-finite", lambda xp: eg(xp.full((3, 3), float("nan"), dtype=xp.float64)), ValueError, "A"),
+        Case("eigh: check_inputs not a bool", lambda xp: eg(_A(xp), check_inputs=1), TypeError, "check_inputs"),
+    ]
     return c
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from onlinela import LowRankPSD
-from onlinela import _backend as B
+from onlinela import eigh as onlinela_eigh
 from onlinela import brand_update, empty_lowrank, randomized_eigh, rayleigh_ritz_refresh
 
 from .logs import WarningCounter
@@ -672,7 +672,7 @@ def _row_major_lowrank(lr: LowRankPSD) -> LowRankPSD:
 
 def _exact(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Full ``eigh`` (descending, float64 retry): ``(U, w, True)``.  Cost ``O(d³)``."""
-    w, U = B.eigh(B.get_namespace(M), M)
+    w, U = onlinela_eigh(M, check_inputs=False)
     return U, w, True
 
 

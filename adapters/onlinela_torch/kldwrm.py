@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from onlinela import LowRankPSD, brand_update
-from onlinela import _backend as B
-from onlinela import _validation as V
+from onlinela import eigh as onlinela_eigh
+from onlinela import validation as V
 
 from .factors import EIG_CLIP, BrandFactor, FactorEigen, FactorState
 from .modules import LayerHelper, g_scale
@@ -647,20 +647,20 @@ class KLDWRM:
         c = e.min_eig if (low_rank and self.preconditioner.complement == "min") else 0.0
         if low_rank and local.rows is not None and r + local.rows.shape[0] < d:
             X = local.rows.T.to(M.dtype).contiguous()
-            out = brand_update(LowRankPSD._trusted(M.eigvecs, M.eigvals, c), X, decay=1.0 / (1.0 + alpha))
+            out = brand_update(LowRankPSD.unchecked(M.eigvecs, M.eigvals, c), X, decay=1.0 / (1.0 + alpha))
             U, w = out.eigvecs, out.eigvals * (1.0 + alpha)
         else:
             U0, w0 = M.eigvecs, M.eigvals
             dense = (U0 * w0) @ U0.T + alpha * local.dense(M.dtype)
             if low_rank and c:
                 dense = dense + c * (torch.eye(d, dtype=M.dtype, device=U0.device) - U0 @ U0.T)
-            w, U = B.eigh(B.get_namespace(dense), dense)
+            w, U = onlinela_eigh(dense, check_inputs=False)
             low_rank = False
         w = w.clamp_min(0)
         wmax = float(w[0]) if w.numel() else 0.0
         w = torch.where(w < EIG_CLIP * wmax, torch.zeros_like(w), w)
         wmin = float(w[-1]) if w.numel() else 0.0
-        return FactorEigen(LowRankPSD._trusted(U, w), wmax, c if low_rank else wmin)
+        return FactorEigen(LowRankPSD.unchecked(U, w), wmax, c if low_rank else wmin)
 
     # ================================================================== QE: inner loop
     def _inner_loop(self, closure: Callable[[], torch.Tensor]) -> None:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from onlinela import _validation as V
+from onlinela import validation as V
 
 from .preconditioner import KFACPreconditioner
 from .quadratic import AdaptiveDamping, curvature_products, lm_adjust, solve_step

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from onlinela import _validation as V
+from onlinela import validation as V
 
 from .factors import (
     BrandDenseFactor,

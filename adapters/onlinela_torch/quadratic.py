@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from onlinela import _validation as V
+from onlinela import validation as V
 
 __all__ = ["AdaptiveDamping", "StepSolution", "curvature_products", "lm_adjust", "solve_step"]
 
