@@ -288,8 +288,8 @@ class KFACPreconditioner:
     graft : {"unit", "sgd"} or None
         Step length of the preconditioned direction.  ``"unit"`` (default):
         each layer's direction is rescaled to its gradient's norm divided by
-        the running RMS of the total gradient norm, so one step has length
-        ``≈ lr`` whatever the scale of the loss (mean or sum, targets ×100);
+        the running RMS of that norm, so each layer's step has length ``≈ lr``
+        whatever the scale of the loss (mean or sum, targets ×100);
         ``"sgd"``: to its gradient's norm (SGD's step length); None: the
         natural-gradient length (the papers; use with ``kl_clip``).  See docs/tuning.rst.
 
@@ -400,8 +400,9 @@ class KFACPreconditioner:
         if graft not in (None, "sgd", "unit"):
             raise ValueError(f"`graft` must be None, 'sgd' or 'unit', got {graft!r}")
         self.graft = graft
-        self._grad_sq = 0.0  # EA of the squared total gradient norm ("unit" grafting)
-        self._grad_sq_count = 0
+        # per layer / block tensor: (EA of the squared gradient norm, count) for graft="unit"
+        self._grad_sq: dict[str, tuple[float, int]] = {}
+        self._param_names = {id(p): n for n, p in model.named_parameters()}
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
         self._warn = WarningCounter(logger)
@@ -940,11 +941,12 @@ class KFACPreconditioner:
             layer.seconds["preconditioning"] += self._timer() - t1
         block_out = list(self.blocks.precondition(lam).items())  # (parameter, preconditioned gradient)
         gs = [g for _, g in entries] + [p.grad for p, _ in block_out]
+        keys = [layer.name for layer, _ in entries] + [self._param_names.get(id(p), str(id(p))) for p, _ in block_out]
         vs += [v for _, v in block_out]
         if self.graft is not None:
             vs = [_graft(v, g) for v, g in zip(vs, gs)]
             if self.graft == "unit":
-                vs = self._unit_scale(vs, gs)
+                vs = self._unit_scale(vs, gs, keys)
         if self.kl_clip is not None and vs:
             lr = self.effective_lr(k)
             vg = sum(torch.dot(v.reshape(-1).float(), g.reshape(-1).float()) for v, g in zip(vs, gs)) * lr**2
@@ -959,14 +961,24 @@ class KFACPreconditioner:
         self._seconds["preconditioning"] += self._timer() - t0
         return True
 
-    def _unit_scale(self, vs: list[torch.Tensor], gs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Divide by the running RMS of the total gradient norm: steps of length ``≈ lr``, whatever the loss scale."""
-        sq = float(sum(torch.sum(g.float() * g.float()) for g in gs))
+    def _unit_scale(self, vs: list[torch.Tensor], gs: list[torch.Tensor], keys: list[str]) -> list[torch.Tensor]:
+        """Divide each layer's (block tensor's) direction by the running RMS of its gradient norm.
+
+        After grafting ``‖v_l‖ = ‖g_l‖``, so each layer's step is ``≈ lr`` long
+        whatever the scale of the loss, layer by layer (one host read per step).
+        """
+        if not vs:
+            return vs
+        sqs = torch.stack([torch.sum(g.float() * g.float()) for g in gs]).cpu().tolist()
         beta = _UNIT_DECAY
-        self._grad_sq = beta * self._grad_sq + (1 - beta) * sq
-        self._grad_sq_count += 1
-        rms = math.sqrt(self._grad_sq / (1 - beta**self._grad_sq_count))
-        return vs if rms == 0 else [v / rms for v in vs]
+        out = []
+        for v, sq, key in zip(vs, sqs, keys):
+            ea, count = self._grad_sq.get(key, (0.0, 0))
+            ea, count = beta * ea + (1 - beta) * sq, count + 1
+            self._grad_sq[key] = (ea, count)
+            rms = math.sqrt(ea / (1 - beta**count))
+            out.append(v if rms == 0 else v / rms)
+        return out
 
     def _already_written(self) -> bool:
         """Whether every layer's weight gradient is still the tensor, unmodified, that the last step wrote."""
@@ -1077,7 +1089,7 @@ class KFACPreconditioner:
             "brand_updates": self._brand_updates,
             "skipped_steps": self._skipped_steps,
             "damping_factor": self.damping_factor,
-            "grad_sq": (self._grad_sq, self._grad_sq_count),
+            "grad_sq": {k: list(v) for k, v in self._grad_sq.items()},
             "warnings": self._warn.as_dict(),
             "fisher_rng": gen_state,
             "layers": {
@@ -1118,7 +1130,7 @@ class KFACPreconditioner:
         self._brand_updates = int(state_dict["brand_updates"])
         self._skipped_steps = int(state_dict["skipped_steps"])
         self.damping_factor = float(state_dict.get("damping_factor", 1.0))
-        self._grad_sq, self._grad_sq_count = state_dict.get("grad_sq", (0.0, 0))
+        self._grad_sq = {str(k): (float(v[0]), int(v[1])) for k, v in state_dict.get("grad_sq", {}).items()}
         self._warn.load(state_dict.get("warnings", {}))
         self._plan_cache = None
         self._scale_cache = None
