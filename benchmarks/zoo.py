@@ -713,7 +713,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes (each one torch thread; the budget is CPU time)")
     p.add_argument("--fast", action="store_true", help="a tiny slice for tests: 2 tasks, sgd+kfac, 2 lrs, 0.3 s")
     p.add_argument("--out", default=None)
-    p.add_argument("--report", default=None, help="print the tables (text and reST) of a written JSON; runs nothing")
+    p.add_argument("--report", nargs="+", default=None,
+                   help="print the tables (text and reST) of written JSONs, merged; runs nothing (see report())")
     return p  # fmt: skip
 
 
@@ -769,17 +770,35 @@ def _log(i: int, n: int, rec: dict) -> None:
     )  # fmt: skip
 
 
+def report(args: argparse.Namespace) -> int:
+    """``--report A.json [B.json ...]``: the tables of written runs, merged (a later file's run of the same
+    task, method, lr and seed replaces an earlier one), restricted to ``--methods`` when given; with ``--out``
+    the merged JSON and PNG are written too."""
+    docs = [json.loads(pathlib.Path(f).read_text()) for f in args.report]
+    keep = set(args.methods.split(",")) if args.methods else None
+    runs: dict[tuple, dict] = {}
+    for doc in docs:
+        for r in doc["runs"]:
+            if keep is None or r["method"] in keep:
+                r["score"] = math.inf if r["score"] is None else r["score"]  # strict JSON wrote inf as null
+                runs[(r["task"], r["method"], r["lr"], r["seed"])] = r
+    summary = summarize(list(runs.values()), docs[-1]["mode"])
+    print(task_table(summary), table(summary), rst(summary), sep="\n\n")
+    if args.out:
+        out = pathlib.Path(args.out)
+        merged = dict(docs[-1], merged_from=list(args.report), methods=sorted(keep) if keep else None)
+        merged.update(summary=summary, runs=list(runs.values()))
+        out.write_text(json.dumps(clean(merged), indent=1, allow_nan=False))
+        plot(summary, out.with_suffix(".png"), f"zoo (merged report, {merged['environment']['git'][:12]})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the zoo, write JSON + PNG, print the summary tables."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parser().parse_args(argv)
     if args.report:
-        doc = json.loads(pathlib.Path(args.report).read_text())
-        for r in doc["runs"]:  # strict JSON wrote non-finite scores as null
-            r["score"] = math.inf if r["score"] is None else r["score"]
-        summary = summarize(doc["runs"], doc["mode"])
-        print(task_table(summary), table(summary), rst(summary), sep="\n\n")
-        return 0
+        return report(args)
     todo = specs(args)
     default_out = RESULTS / ("zoo_steps.json" if args.mode == "steps" else "zoo.json")
     out = pathlib.Path(args.out) if args.out else default_out
