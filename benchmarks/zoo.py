@@ -519,7 +519,7 @@ def summarize(runs: list[dict], mode: str = "time") -> dict[str, Any]:
         for method, cell in methods.items():
             ratio = _ratio(cell["score"], ref)
             step_ratio = cell["seconds_per_step"] / sgd_sps if cell["seconds_per_step"] and sgd_sps else None
-            beats = all(cell["score"] < methods[m]["score"] for m in FIRST_ORDER if m in methods) and not cell["failed"]
+            beats = all(m in methods and cell["score"] < methods[m]["score"] for m in FIRST_ORDER) and not cell["failed"]
             row[method] = dict(
                 best_lr=cell["lr"], score=_finite(cell["score"]), acc=cell.get("acc"), ratio=_finite(ratio),
                 beats_first_order=beats, failed=cell["failed"], step_time_vs_sgd=step_ratio, lrs=cell["lrs"],

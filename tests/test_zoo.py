@@ -146,3 +146,22 @@ def test_peers_muon_gets_only_hidden_matrices(zoo):
     assert in_muon == {id(linears[0].weight)}
     in_adam = {id(p) for g in adam.param_groups for p in g["params"]}
     assert in_adam | in_muon == {id(p) for p in model.parameters()} and not in_adam & in_muon
+
+
+def test_report_merges_runs_later_file_wins(zoo, fast_json, tmp_path, capsys):
+    doc, out = fast_json
+    later = json.loads(out.read_text())
+    # the later file re-runs kfac at lr 0.01 on reg-s1 with a score below every other run of that task
+    rerun = next(r for r in later["runs"] if (r["task"], r["method"], r["lr"]) == ("reg-s1", "kfac", 0.01))
+    rerun.update(score=1e-9, diverged=False)
+    later["runs"] = [rerun]
+    second = tmp_path / "later.json"
+    second.write_text(json.dumps(later))
+    merged = tmp_path / "merged.json"
+    args = zoo.parser().parse_args(["--report", str(out), str(second), "--methods", "sgd,kfac", "--out", str(merged)])
+    assert zoo.report(args) == 0
+    m = json.loads(merged.read_text())
+    assert len(m["runs"]) == len(doc["runs"])  # replaced, not appended
+    cell = m["summary"]["per_task"]["reg-s1"]["methods"]["kfac"]
+    assert cell["best_lr"] == 0.01 and cell["score"] == 1e-9 and cell["beats_first_order"] is False  # no adam run
+    assert "beats SGD and Adam" in capsys.readouterr().out
