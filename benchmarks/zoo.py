@@ -232,7 +232,7 @@ class Task:
     loss: str
     reduction: str
     batch: int
-    budget: float = 3.0
+    budget: float = 2.5
     note: str = ""
 
 
@@ -706,7 +706,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated (default: all for the mode)")
     p.add_argument("--lrs", default=",".join(map(str, DEFAULT_LRS)))
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of process CPU time per run (time mode; default each task's, 3 s); steps in steps mode (default 200)")
+                   help="seconds of process CPU time per run (time mode; default each task's, 2.5 s); steps in steps mode (default 200)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--kw", nargs="*", default=[], help="extra KFACPreconditioner options for every K-FAC run, key=value")
     p.add_argument("--kld-kw", nargs="*", default=[], help="extra KLDWRM options, key=value")
