@@ -460,6 +460,19 @@ class FactorState(abc.ABC):
         self.skipped[what] += 1
         self._warn.warn(f"skipped_{what}", "step %d: skipped the %s update of factor %s (%s)", step, what, self.name, why)
 
+    def summary(self) -> dict[str, Any]:
+        """Diagnostics for ``stats()``: ``kind``, ``dim``, ``rank`` (of the current decomposition, None
+        before the first), ``target_rank``, ``error`` (``λ_r/λ_1`` of the last decomposition, 0 for exact
+        ones) and ``skipped`` (statistics/decomposition counts)."""
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "rank": None if self.eigen is None else self.eigen.approx.rank,
+            "target_rank": self.rank,
+            "error": self.errors[-1] if self.errors else None,
+            "skipped": dict(self.skipped),
+        }
+
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bitwise: EA, snapshot, rank state, RNG state, counters."""

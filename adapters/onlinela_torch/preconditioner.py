@@ -1163,14 +1163,7 @@ class KFACPreconditioner:
         for name, layer in self.layers.items():
             entry: dict[str, Any] = {"seconds": dict(layer.seconds), "counters": dict(layer.counters)}
             for which, f in (("A", layer.A), ("G", layer.G)):
-                entry[which] = None if f is None else {
-                    "kind": f.kind,
-                    "dim": f.dim,
-                    "rank": None if f.eigen is None else f.eigen.approx.rank,
-                    "target_rank": f.rank,
-                    "error": f.errors[-1] if f.errors else None,
-                    "skipped": dict(f.skipped),
-                }
+                entry[which] = None if f is None else f.summary()
             layers[name] = entry
         return {
             "method": self.method,

@@ -107,17 +107,7 @@ class FactorSlot:
         self.state.load_state_dict(sd)
 
     def stats(self) -> dict[str, Any] | None:
-        f = self.state
-        if f is None:
-            return None
-        return {
-            "kind": f.kind,
-            "dim": f.dim,
-            "rank": None if f.eigen is None else f.eigen.approx.rank,
-            "target_rank": f.rank,
-            "error": f.errors[-1] if f.errors else None,
-            "skipped": dict(f.skipped),
-        }
+        return None if self.state is None else self.state.summary()
 
 
 class KroneckerFactors:
