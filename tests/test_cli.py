@@ -434,3 +434,87 @@ def test_resume_compares_the_resolved_weight_decay(tmp_path, capsys):
     code, _, err = run([*args, "--epochs", "3", "--weight-decay", "0", "--checkpoint", str(ckpt), "--resume",
                         "--out", str(tmp_path)], capsys)
     assert code == 2 and "weight_decay=0.01 (now 0.0)" in err
+
+
+# ------------------------------------------------ step ratios and Brand factors
+def test_factor_report_reads_layers_and_nested_blocks():
+    summary = lambda kind, dim, rank: {"kind": kind, "dim": dim, "rank": rank, "error": 0.1, "skipped": {}}  # noqa: E731
+    stats = {
+        "layers": {"fc1": {"A": summary("brand", 785, 64), "G": summary("randomized", 30, 30), "seconds": {}},
+                   "fc2": {"A": None, "G": None, "seconds": {}}},  # no batch seen yet: no factors
+        "blocks": {"attn": {"kind": "attention", "dims": [8], "factors": {"in_proj": {"A": summary("dense", 9, 9),
+                                                                                      "G": summary("dense", 24, 24)}}},
+                   "emb": {"kind": "embedding", "factors": {"A": {"kind": "diagonal", "dim": 50}}}},
+    }
+    report = ex.factor_report(stats)
+    assert list(report) == ["fc1/A", "fc1/G", "attn/in_proj/A", "attn/in_proj/G", "emb/A"]
+    assert report["fc1/A"] == {"kind": "brand", "dim": 785, "rank": 64}
+    assert report["emb/A"] == {"kind": "diagonal", "dim": 50, "rank": None}
+    assert ex.factor_report(None) == {}
+
+
+def test_brand_showcase_task_runs_brand_updates_and_reports_step_ratios(tmp_path, capsys):
+    """The showcase task at tiny sizes: b-kfac Brand-updates some factors, the JSON and table say which."""
+    if "b-kfac" not in ex.available_optimizers():
+        pytest.skip("the K-FAC family is not importable in this installation")
+    batch = 16
+    code, out, _ = run(["compare", "--task", "mnist-autoencoder-brand", "--max-train", "48", "--batch-size",
+                        str(batch), "--epochs", "1", "--optimizers", "sgd,rs-kfac,b-kfac", "--out", str(tmp_path)],
+                       capsys)
+    assert code == 0
+    payload = json.loads((tmp_path / "compare.json").read_text())
+    assert payload["config"]["step_clock"] == "cpu"
+    res = payload["results"]
+    task = ex.TASKS["mnist-autoencoder-brand"]
+    for name, r in res.items():  # the task's preset learning rates, no probe
+        assert r["lr_source"] == "task" and r["lr"] == task.lrs[name] and r["probe"] == {}, name
+    rank = task.kfac["rank"]
+    factors = res["b-kfac"]["runs"][0]["factors"]
+    assert len(factors) == res["b-kfac"]["n_factors"] == 16  # 8 Linear layers, A and G each
+    brand, fallback = res["b-kfac"]["brand_factors"], res["b-kfac"]["fallback_factors"]
+    assert brand and set(brand).isdisjoint(fallback) and set(brand) | set(fallback) == set(factors)
+    for name in brand:  # b-kfac decomposes only through Brand updates: a rank means they ran
+        assert factors[name]["kind"] == "brand" and factors[name]["rank"] > 0, name
+    for name, f in factors.items():  # where rank + rows >= d no Brand update is possible
+        if rank + batch >= f["dim"]:
+            assert name in fallback and f["kind"] == "randomized", name
+    assert res["rs-kfac"]["brand_factors"] == res["rs-kfac"]["fallback_factors"] == []
+    assert res["sgd"]["n_factors"] == 0
+    assert res["sgd"]["step_vs_sgd"] == 1.0  # its own reference
+    for name, r in res.items():
+        assert r["step_vs_sgd"] > 0 and math.isfinite(r["step_vs_sgd"]), name
+        assert r["step_cpu_seconds"] > 0 and r["step_seconds"] > 0, name
+    head = out.splitlines()[0].split()
+    assert "step/SGD" in head and head[-1] == "Brand"
+    b_row = next(line for line in out.splitlines() if line.startswith("b-kfac "))
+    assert b_row.split()[-1] == f"{len(brand)}/16"
+    assert f"b-kfac: Brand updates on {brand[0]}" in out and "RS-KFAC fallback on" in out
+
+
+def test_no_step_ratio_without_sgd_and_a_brand_method_without_eligible_factors(tmp_path, capsys):
+    if "b-kfac" not in ex.available_optimizers():
+        pytest.skip("the K-FAC family is not importable in this installation")
+    # digits-mlp at width 0.25 has factors of at most 129 rows: rank 100 + 32 batch rows leaves none eligible
+    code, out, _ = run(["compare", *TINY, "--epochs", "1", "--optimizers", "adam,b-kfac", "--lr", "0.01",
+                        "--kfac-opt", "rank=100", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    res = json.loads((tmp_path / "compare.json").read_text())["results"]
+    assert res["adam"]["step_vs_sgd"] is None and res["b-kfac"]["step_vs_sgd"] is None
+    assert res["b-kfac"]["brand_factors"] == [] and len(res["b-kfac"]["fallback_factors"]) == res["b-kfac"]["n_factors"]
+    assert "needs sgd among --optimizers" in out
+    assert "b-kfac: no factor is Brand-eligible: every factor ran as RS-KFAC" in out
+
+
+def test_a_showcase_task_names_its_optimizers_and_the_grid_overrides_its_learning_rates(tmp_path, capsys):
+    from onlinela_torch.cli import _optimizer_names
+
+    task = ex.TASKS["mnist-autoencoder-brand"]
+    specs = ex.available_optimizers()
+    assert _optimizer_names(None, task) == [n for n in task.optimizers if n in specs]
+    assert _optimizer_names(["all"], task) == [n for n, s in specs.items() if not s.classification_only]
+    code, _, _ = run(["compare", "--task", task.name, "--max-train", "32", "--batch-size", "16", "--epochs", "1",
+                      "--optimizers", "sgd", "--lr-grid", "0.1,0.01", "--probe-epochs", "0.5",
+                      "--out", str(tmp_path)], capsys)
+    assert code == 0
+    sgd = json.loads((tmp_path / "compare.json").read_text())["results"]["sgd"]
+    assert sgd["lr_source"] == "probe" and set(sgd["probe"]) == {"0.1", "0.01"}

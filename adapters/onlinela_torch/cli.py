@@ -27,6 +27,7 @@ import re
 import signal
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -270,8 +271,14 @@ def _validate_kfac_options(args: argparse.Namespace, task: ex.Task, data: Datase
 
 
 def _optimizer_names(requested: Sequence[str] | None, task: ex.Task) -> list[str]:
-    """Validated optimizer names; ``all`` (or nothing) is every available one that suits ``task``."""
+    """Validated optimizer names; nothing is the task's :attr:`~onlinela_torch.experiment.Task.optimizers`
+    when it names some, ``all`` (or nothing) every available one that suits ``task``."""
     specs = ex.available_optimizers()
+    if not requested and task.optimizers:
+        missing = [n for n in task.optimizers if n not in specs]
+        if missing:
+            logger.warning("%s: %s not available in this installation, left out", task.name, ", ".join(missing))
+        return [n for n in task.optimizers if n in specs]
     if not requested or requested == ["all"]:
         names = [n for n, s in specs.items() if task.is_classifier or not s.classification_only]
         if len(names) < len(specs):
@@ -308,6 +315,9 @@ def _compare(args: argparse.Namespace) -> int:
         "compare: %s, %s, %d epochs x %d steps, batch %d, seeds %s, lr grid %s",
         task.name, ", ".join(names), epochs, steps_per_epoch, batch, args.seeds, grid,
     )
+    if not (args.lr or args.lr_grid) and task.lrs:
+        logger.info("compare: %s sets the learning rates of %s (no probe; --lr-grid probes them)",
+                    task.name, ", ".join(n for n in names if n in task.lrs))
 
     def run(name: str, lr: float, seed: int, *, max_steps: int | None = None) -> ex.RunResult:
         model, stepper = _build(args, task, data, name, lr, seed)
@@ -319,13 +329,17 @@ def _compare(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     failed: dict[str, str] = {}
     t_start = time.perf_counter()
+    preset = {} if args.lr or args.lr_grid else dict(task.lrs)  # the task's learning rates, not probed
     for name in names:
         try:
-            if len(grid) > 1:
+            if name in preset:
+                lr, scores, source = preset[name], {}, "task"
+            elif len(grid) > 1:
                 lr, scores = ex.select_lr(task, grid, lambda lr: run(name, lr, args.seeds[0], max_steps=probe_steps))
                 logger.info("%s: probe %s -> lr %g", name, {k: round(v, 4) for k, v in scores.items()}, lr)
+                source = "probe"
             else:
-                lr, scores = grid[0], {}
+                lr, scores, source = grid[0], {}, "given"
             runs = {seed: run(name, lr, seed) for seed in args.seeds}
         except CLIError:
             raise
@@ -338,10 +352,12 @@ def _compare(args: argparse.Namespace) -> int:
             logger.warning("%s failed and is left out (--keep-going): %s", name, why)
             failed[name] = why
             continue
-        results[name] = _summarise(task, targets, lr, scores, runs)
+        results[name] = {"lr_source": source, **_summarise(task, targets, name, lr, scores, runs)}
     wall = time.perf_counter() - t_start
     if not results:
         raise RunFailed(f"every requested optimizer failed: {'; '.join(f'{n}: {w}' for n, w in failed.items())}")
+    clock = _step_clock(ex.data_device(data))
+    _add_step_ratios(results, clock)
 
     payload = {
         "command": "compare",
@@ -353,7 +369,8 @@ def _compare(args: argparse.Namespace) -> int:
                    "lr_grid": grid, "probe_steps": probe_steps if len(grid) > 1 else 0,
                    "width": args.width if args.width is not None else task.width, "momentum": args.momentum,
                    "kfac_momentum": args.kfac_momentum if args.kfac_momentum is not None else task.kfac_momentum,
-                   "weight_decay": args.weight_decay, "kfac_options": {**task.kfac, **_kfac_options(args)}},
+                   "weight_decay": args.weight_decay, "kfac_options": {**task.kfac, **_kfac_options(args)},
+                   "step_clock": clock},
         "environment": _environment(ex.data_device(data)),
         "wall_seconds": wall,
         "results": results,
@@ -361,12 +378,12 @@ def _compare(args: argparse.Namespace) -> int:
     }
     _write_json(out / "compare.json", payload)
     _plot_compare(out / "compare.png", task, targets, results)
-    sys.stdout.write(_compare_table(task, targets, results, failed, steps_per_epoch))
+    sys.stdout.write(_compare_table(task, targets, results, failed, steps_per_epoch, clock))
     sys.stdout.write(f"\n{wall:.0f} s in all; wrote {out / 'compare.json'} and {out / 'compare.png'}\n")
     return 0
 
 
-def _summarise(task: ex.Task, targets: Sequence[float], lr: float, scores: dict[float, float],
+def _summarise(task: ex.Task, targets: Sequence[float], name: str, lr: float, scores: dict[float, float],
                runs: dict[int, ex.RunResult]) -> dict[str, Any]:
     per_seed = []
     for seed, res in runs.items():
@@ -376,10 +393,13 @@ def _summarise(task: ex.Task, targets: Sequence[float], lr: float, scores: dict[
             "final_metric": res.final_metric,
             "diverged": res.diverged,
             "seconds_per_epoch": res.seconds_per_epoch,
+            "step_seconds": res.step_seconds,
+            "step_cpu_seconds": res.step_cpu_seconds,
             "time_to_target": {t: h[0] if h else None for t, h in hits.items()},
             "epochs_to_target": {t: h[1] if h else None for t, h in hits.items()},
             "phase_seconds": res.phase_seconds,
             "hyperparameters": res.hyperparameters,
+            "factors": res.factors,
             "history": res.history,
         })
     finals = [r["final_metric"] for r in per_seed if math.isfinite(r["final_metric"])]
@@ -389,24 +409,58 @@ def _summarise(task: ex.Task, targets: Sequence[float], lr: float, scores: dict[
         "final_metric_mean": statistics.fmean(finals) if finals else math.nan,
         "final_metric_std": statistics.pstdev(finals) if len(finals) > 1 else 0.0,
         "seconds_per_epoch": statistics.fmean(r["seconds_per_epoch"] for r in per_seed),
+        "step_seconds": statistics.fmean(r["step_seconds"] for r in per_seed),
+        "step_cpu_seconds": statistics.fmean(r["step_cpu_seconds"] for r in per_seed),
         "phase_seconds": {k: statistics.fmean(r["phase_seconds"][k] for r in per_seed) for k in ex._PHASES},
+        **_brand_split(name, per_seed[0]["factors"]),
         "runs": per_seed,
     }
 
 
+def _brand_split(name: str, factors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``brand_factors`` (Brand-updated) and ``fallback_factors`` (a Brand method's RS-KFAC fallback) of a run.
+
+    The split is decided by the factors' dimensions, the rank and the batch
+    (``rank + s < d``), so it is the same for every seed.  Empty lists for
+    the methods that are not Brand methods.
+    """
+    brand = [f for f, v in factors.items() if v["kind"] in ex.BRAND_KINDS]
+    fallback = [f for f, v in factors.items() if v["kind"] == "randomized"] if name in ex.BRAND_METHODS else []
+    return {"n_factors": len(factors), "brand_factors": brand, "fallback_factors": fallback}
+
+
+def _step_clock(device: torch.device) -> str:
+    """The clock of the step ratios: process CPU time on a CPU (steady on a shared machine), else wall-clock."""
+    return "cpu" if device.type == "cpu" else "wall"
+
+
+def _add_step_ratios(results: dict[str, Any], clock: str) -> None:
+    """Set each result's ``step_vs_sgd``: its mean step time over SGD's in the same run (None without SGD)."""
+    key = "step_cpu_seconds" if clock == "cpu" else "step_seconds"
+    ref = results.get("sgd", {}).get(key, math.nan)
+    usable = isinstance(ref, float) and math.isfinite(ref) and ref > 0
+    if not usable:
+        logger.info("compare: no SGD run with a measured step, so no step/SGD ratios (add sgd to --optimizers)")
+    for r in results.values():
+        value = r[key]
+        r["step_vs_sgd"] = value / ref if usable and math.isfinite(value) else None
+
+
 def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, Any], failed: dict[str, str],
-                   steps_per_epoch: int) -> str:
+                   steps_per_epoch: int, clock: str) -> str:
     arrow = ">=" if task.higher_is_better else "<="
-    head = ["optimizer", "lr", task.metric_name, "s/epoch"]
+    head = ["optimizer", "lr", task.metric_name, "s/epoch", "step/SGD"]
     head += [f"{arrow}{t:g}: s / ep" for t in targets]
-    head += ["stats s", "decomp s", "precond s"]
+    head += ["stats s", "decomp s", "precond s", "Brand"]
     rows = []
     for name, r in results.items():
         n = len(r["runs"])
         metric = f"{r['final_metric_mean']:.4g}" + (f" ± {r['final_metric_std']:.2g}" if n > 1 else "")
         if any(run["diverged"] for run in r["runs"]):
             metric += " (diverged)"
-        row = [name, f"{r['lr']:g}", metric, f"{r['seconds_per_epoch']:.3g}"]
+        ratio = r.get("step_vs_sgd")
+        row = [name, f"{r['lr']:g}", metric, f"{r['seconds_per_epoch']:.3g}",
+               f"{ratio:.2f}x" if ratio is not None else "-"]
         for t in targets:
             times = [run["time_to_target"][str(t)] for run in r["runs"] if run["time_to_target"][str(t)] is not None]
             eps = [run["epochs_to_target"][str(t)] for run in r["runs"] if run["epochs_to_target"][str(t)] is not None]
@@ -416,16 +470,45 @@ def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, A
                 cell = f"{statistics.median(times):.3g} / {statistics.median(eps):g}"
                 row.append(cell + (f" ({len(times)}/{n})" if len(times) < n else ""))
         row += [f"{r['phase_seconds'][k]:.3g}" if r["phase_seconds"][k] else "-" for k in ex._PHASES]
+        row.append(f"{len(r['brand_factors'])}/{r['n_factors']}" if name in ex.BRAND_METHODS else "-")
         rows.append(row)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     text = "\n".join(lines) + "\n"
     text += "(time to target: median training seconds / epochs over the seeds that reached it; evaluation excluded)\n"
+    preset = [n for n, r in results.items() if r.get("lr_source") == "task"]
+    if preset:
+        text += (f"(lr of {', '.join(preset)}: the task's preset, not probed; --lr-grid probes "
+                 "the grid)\n")
+    clock = "process-CPU" if clock == "cpu" else "wall-clock"
+    text += (f"(step/SGD: mean {clock} seconds of a training step, forward and backward included, over SGD's "
+             "in this run" + ("" if "sgd" in results else "; needs sgd among --optimizers") + ")\n")
     if task.is_text:
         text += f"(an epoch of {task.name} is {steps_per_epoch} training steps between two evaluations)\n"
+    text += _brand_lines(results)
     for name, why in failed.items():
         text += f"{name}: failed, left out ({why})\n"
+    return text
+
+
+def _brand_lines(results: dict[str, Any]) -> str:
+    """Per Brand method (grouped when they agree): which factors were Brand-updated, which fell back to RS-KFAC."""
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[str]] = {}
+    for name, r in results.items():
+        if name in ex.BRAND_METHODS:
+            groups.setdefault((tuple(r["brand_factors"]), tuple(r["fallback_factors"])), []).append(name)
+    if not groups:
+        return ""
+    text = "(Brand: factors Brand-updated / all factors; a factor is Brand-updated only where rank + batch rows < d)\n"
+    for (brand, fallback), names in groups.items():
+        who = ", ".join(names)
+        if not brand:
+            text += f"{who}: no factor is Brand-eligible: every factor ran as RS-KFAC\n"
+            continue
+        line = f"{who}: Brand updates on {', '.join(brand)}"
+        line += f"; RS-KFAC fallback on {', '.join(fallback)}" if fallback else ""
+        text += textwrap.fill(line, width=110, subsequent_indent="    ", break_on_hyphens=False) + "\n"
     return text
 
 
@@ -778,14 +861,17 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p, default_task=DEMO_DEFAULTS["task"] if demo else "mnist-mlp",
                 default_out=DEMO_DEFAULTS["out"] if demo else "out/compare",
                 default_threads=DEMO_DEFAULTS["threads"] if demo else None)
-        p.add_argument("--optimizers", type=_list_of(str), help="comma-separated names, or all (default all available)")
+        p.add_argument("--optimizers", type=_list_of(str),
+                       help="comma-separated names, or all (default: the task's showcase set where it has one, "
+                            "mnist-autoencoder-brand; else all available)")
         p.add_argument("--epochs", type=_positive_int, default=DEMO_DEFAULTS["epochs"] if demo else None,
                        help="epochs per run (default: the task's)")
         p.add_argument("--targets", type=_list_of(_float), help="metric targets for time-to-target (default: the task's)")
         p.add_argument("--seeds", type=_list_of(_nonneg_int), default=[0], help="comma-separated seeds (default 0)")
         p.add_argument("--lr-grid", type=_list_of(_positive_float),
                        help="learning rates every optimizer picks from by a probe run "
-                            f"(default {','.join(map(str, DEFAULT_LR_GRID))})")
+                            f"(default {','.join(map(str, DEFAULT_LR_GRID))}; a task with preset learning "
+                            "rates, mnist-autoencoder-brand, probes only when this is given)")
         p.add_argument("--lr", type=_positive_float, help="one learning rate for every optimizer (no probe)")
         p.add_argument("--probe-epochs", type=_positive_float, default=DEMO_DEFAULTS["probe_epochs"] if demo else None,
                        help="length of each learning-rate probe run, in epochs (fractions allowed; "

@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASELINES",
+    "BRAND_KINDS",
+    "BRAND_METHODS",
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "EAFactorRecorder",
@@ -61,6 +63,7 @@ __all__ = [
     "checkpoint_differences",
     "data_device",
     "discard_partial_checkpoint",
+    "factor_report",
     "load_checkpoint",
     "load_task_data",
     "phase_seconds",
@@ -76,6 +79,11 @@ __all__ = [
 #: The K-FAC family as named in the architecture's API contract (the order of
 #: the registry); a method is offered when its optimizer class is exported.
 KFAC_METHODS: tuple[str, ...] = ("kfac", "rs-kfac", "sre-kfac", "nystrom-kfac", "b-kfac", "br-kfac", "b-kfac-c")
+#: The K-FAC methods that Brand-update their low-rank factors where ``rank + s < d``.
+BRAND_METHODS: tuple[str, ...] = ("b-kfac", "br-kfac", "b-kfac-c")
+#: Factor kinds (the ``kind`` of a factor's ``stats()`` summary) that are Brand-updated; a Brand
+#: method's ``"randomized"`` factors are its RS-KFAC fallback.
+BRAND_KINDS: tuple[str, ...] = ("brand", "brand+dense")
 #: KLD-WRM variants; offered when ``onlinela_torch.KLDWRM`` is exported.
 KLDWRM_VARIANTS: tuple[str, ...] = ("so", "q", "qe")
 #: Optimizers that are always available.
@@ -150,6 +158,14 @@ class Task:
     text : TextSpec or None
         Set for a text task (next-token prediction on a
         :class:`~onlinela_torch.data.TextCorpus`); None for image tasks.
+    lrs : Mapping of str to float
+        Learning rates ``compare`` uses without ``--lr`` or ``--lr-grid``
+        instead of probing the grid (a showcase configuration fixes them from
+        a documented probe run to fit its time budget); the optimizers not
+        listed are probed.  Empty: probe every optimizer.
+    optimizers : tuple of str
+        The optimizers ``compare`` runs without ``--optimizers`` (those of
+        them this installation offers); empty: every available one.
     """
 
     name: str
@@ -165,6 +181,8 @@ class Task:
     kfac_momentum: float | None = None
     probe_epochs: float = 1.0
     text: TextSpec | None = None
+    lrs: Mapping[str, float] = field(default_factory=dict)
+    optimizers: tuple[str, ...] = ()
 
     @property
     def is_text(self) -> bool:
@@ -391,6 +409,19 @@ _SMALL_KFAC: dict[str, Any] = {}
 # 53.0 against Adam's 48.2), see docs/tuning.rst.
 _AUTOENCODER_KFAC = {"damping": 0.01, "kl_clip": 30.0, "factor_update_freq": 5, "inv_update_freq": 20,
                      "fisher": "true", "rank": 64, "graft": None, "warmup": False}
+# A showcase configuration for the Brand methods (issue 14): the same benchmark at
+# full width (784-1000-500-250-30 and mirror) with batch 250 and rank 64, so that
+# rank + batch rows < d holds for the 1001-, 1000-, 785-, 784-, 501- and 500-wide
+# factors (10 of 16) and the three Brand methods Brand-update them instead of
+# running as RS-KFAC.  The autoencoder's other K-FAC settings are inherited; rank
+# is pinned here because eligibility depends on it.  Budget: 10 epochs (160 steps)
+# of seven optimizers with preset learning rates (no probe), a few minutes on one
+# CPU thread.  The rates are what a 3-epoch probe of the grid 0.1, 0.01, 0.001
+# picked on this configuration (docs/results.rst); --lr-grid probes again.
+_AUTOENCODER_BRAND_KFAC = {**_AUTOENCODER_KFAC, "rank": 64}
+_AUTOENCODER_BRAND_OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "b-kfac", "br-kfac", "b-kfac-c")
+_AUTOENCODER_BRAND_LRS = {"sgd": 0.001, "adam": 0.001, "kfac": 0.1, "rs-kfac": 0.1, "b-kfac": 0.1, "br-kfac": 0.1,
+                          "b-kfac-c": 0.1}
 # Validation losses (nats per character) that AdamW reaches within the default
 # 12 x 25 steps (lr 0.01 from the default grid: 2.5 after 50 steps, 2.25 after
 # 125, 1.99 after 225, 1.83 after 300 in our run).
@@ -401,6 +432,11 @@ TASKS: dict[str, Task] = {
         Task("mnist-autoencoder", "mnist", "autoencoder", 1000, 100, (35.0, 25.0, 20.0), _AUTOENCODER_KFAC,
              width=0.25, kfac_momentum=0.9, probe_epochs=20.0,
              description="784-1000-500-250-30 autoencoder (width-scaled), MNIST"),
+        Task("mnist-autoencoder-brand", "mnist", "autoencoder", 250, 10, (35.0, 25.0, 20.0),
+             _AUTOENCODER_BRAND_KFAC, width=1.0, kfac_momentum=0.9, probe_epochs=3.0,
+             lrs=_AUTOENCODER_BRAND_LRS, optimizers=_AUTOENCODER_BRAND_OPTIMIZERS,
+             description="the Brand showcase: 784-1000-500-250-30 autoencoder at full width, batch 250, "
+                         "rank 64 (10 of 16 factors Brand-updated), MNIST"),
         Task("mnist-mlp", "mnist", "mlp", 128, 8, (90.0, 93.0, 95.0), _SMALL_KFAC,
              description="MLP classifier 784-512-256-10, MNIST"),
         Task("mnist-cnn", "mnist", "cnn", 128, 10, (85.0, 90.0, 93.0), _SMALL_KFAC,
@@ -708,6 +744,53 @@ def phase_seconds(stats: Any) -> dict[str, float]:
     return totals
 
 
+def factor_report(stats: Any) -> dict[str, dict[str, Any]]:
+    """Every curvature factor of a ``stats()`` result: its kind, dimension and rank.
+
+    Reads :meth:`KFACPreconditioner.stats`'s layout: the per-layer factor
+    summaries ``"layers"[name]["A"|"G"]`` and the curvature blocks'
+    ``"blocks"[name]["factors"]`` (nested per parameter for attention
+    blocks).  A factor's ``kind`` says how it is maintained: ``"dense"``
+    (K-FAC), ``"randomized"`` (RS-KFAC and the other sketched methods, and a
+    Brand method's fallback where ``rank + s >= d``), ``"brand"`` (B-KFAC) or
+    ``"brand+dense"`` (B-R-KFAC, B-KFAC-c): the kinds in :data:`BRAND_KINDS`
+    are Brand-updated.
+
+    Parameters
+    ----------
+    stats : Mapping or None
+        What a preconditioner's ``stats()`` returned; None (a baseline) gives
+        an empty report.
+
+    Returns
+    -------
+    dict of str to dict
+        ``"<layer>/A"`` (blocks: ``"<block>/<path>/A"``) to ``{"kind", "dim",
+        "rank"}``, in the order of ``stats()``; ``rank`` is the current
+        decomposition's (None before the first).  Factors not created yet
+        (no batch seen) are absent.
+    """
+    report: dict[str, dict[str, Any]] = {}
+    if not isinstance(stats, Mapping):
+        return report
+
+    def walk(prefix: str, node: Any) -> None:
+        if not isinstance(node, Mapping):
+            return
+        if isinstance(node.get("kind"), str) and "dim" in node:
+            report[prefix] = {"kind": node["kind"], "dim": node["dim"], "rank": node.get("rank")}
+            return
+        for key, child in node.items():
+            walk(f"{prefix}/{key}", child)
+
+    for name, layer in (stats.get("layers") or {}).items():
+        for which in ("A", "G"):
+            walk(f"{name}/{which}", (layer or {}).get(which))
+    for name, block in (stats.get("blocks") or {}).items():
+        walk(name, (block or {}).get("factors"))
+    return report
+
+
 # ------------------------------------------------------------------- training
 @dataclass
 class RunResult:
@@ -728,12 +811,24 @@ class RunResult:
         The scalar settings of the optimizer's first parameter group at the
         end (``lr``, ``momentum``, ``weight_decay``, ...): what a library
         default resolved to.
+    step_seconds, step_cpu_seconds : float
+        Mean wall-clock and process-CPU seconds of one training step of this
+        call (forward, backward, curvature work and update, amortised over
+        every step; evaluation excluded); NaN when no step ran.  Process CPU
+        time counts every thread of the process: on a shared machine it is
+        the steadier clock, on a GPU only wall-clock means anything.
+    factors : dict
+        :func:`factor_report` of the preconditioner at the end (empty for
+        baselines).
     """
 
     history: list[dict[str, float]]
     diverged: bool = False
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_PHASES, 0.0))
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    step_seconds: float = math.nan
+    step_cpu_seconds: float = math.nan
+    factors: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def final_metric(self) -> float:
@@ -801,12 +896,13 @@ def train(
     """
     history = list(history) if history else [_record(task, model, data, 0, 0.0, math.nan)]
     start_epoch, elapsed = int(history[-1]["epoch"]), history[-1]["seconds"]
+    start_elapsed, cpu = elapsed, 0.0
     steps = 0
     diverged = False
     model.train()
     for epoch in range(start_epoch + 1, epochs + 1):
         losses = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for x, y in task.batches(data, epoch, batch_size, seed):
             out = model(x)
             loss = task.loss(out, x, y)
@@ -821,8 +917,9 @@ def train(
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 break
-        mean_loss = float(torch.stack(losses).mean()) if losses else math.nan
+        mean_loss = float(torch.stack(losses).mean()) if losses else math.nan  # synchronises a GPU
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         if diverged:
             logger.warning("loss became non-finite in epoch %d; stopping this run", epoch)
             break
@@ -835,8 +932,10 @@ def train(
         if max_steps is not None and steps >= max_steps:
             break
     stats = stepper.stats()
+    per_step = (lambda total: total / steps) if steps else (lambda total: math.nan)
     return RunResult(history, diverged, phase_seconds(stats) if stats is not None else dict.fromkeys(_PHASES, 0.0),
-                     _hyperparameters(stepper.optimizer))
+                     _hyperparameters(stepper.optimizer), step_seconds=per_step(elapsed - start_elapsed),
+                     step_cpu_seconds=per_step(cpu), factors=factor_report(stats))
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

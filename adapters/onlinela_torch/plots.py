@@ -181,6 +181,18 @@ def _coincides(a: list[tuple[float, ...]], b: list[tuple[float, ...]], tol: floa
     return False if worst <= tol else None
 
 
+def _legend_facts(result: Mapping[str, Any]) -> str:
+    """``lr 0.1, 2 seeds, step 1.8× SGD, Brand 10/16``: the parts that ``result`` holds."""
+    n = len(result["runs"])
+    facts = [f"lr {result['lr']:g}"] + ([f"{n} seeds"] if n > 1 else [])
+    ratio = result.get("step_vs_sgd")
+    if ratio is not None and ratio != 1.0:
+        facts.append(f"step {ratio:.2g}× SGD")
+    if result.get("brand_factors") or result.get("fallback_factors"):
+        facts.append(f"Brand {len(result['brand_factors'])}/{result['n_factors']}")
+    return ", ".join(facts)
+
+
 def compare_figure(
     task: str,
     metric: str,
@@ -202,7 +214,10 @@ def compare_figure(
         Target levels, drawn as labelled lines.
     results : Mapping
         ``compare.json``'s ``results``: per optimizer ``lr`` and ``runs``
-        (each with ``history`` records ``epoch``, ``seconds``, ``metric``).
+        (each with ``history`` records ``epoch``, ``seconds``, ``metric``);
+        optional ``step_vs_sgd`` (the legend gives the step time over SGD's)
+        and ``brand_factors``, ``fallback_factors``, ``n_factors`` (a Brand
+        method's legend gives its Brand-updated factors out of all).
 
     Returns
     -------
@@ -232,8 +247,7 @@ def compare_figure(
                 style = Style(style.color, style.marker, linestyle="--")
                 notes.append(f"{name} {note}")
                 break
-        n = len(r["runs"])
-        label = f"{name} (lr {r['lr']:g}" + (f", {n} seeds" if n > 1 else "") + ")" + (f" – {note}" if note else "")
+        label = f"{name} ({_legend_facts(r)})" + (f" – {note}" if note else "")
         for k, run in enumerate(r["runs"]):
             for panel, xkey in enumerate(("seconds", "epoch")):
                 x, y = _metric_curve(run, xkey)
