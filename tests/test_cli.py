@@ -484,6 +484,9 @@ def test_brand_showcase_task_runs_brand_updates_and_reports_step_ratios(tmp_path
     for name, r in res.items():
         assert r["step_vs_sgd"] > 0 and math.isfinite(r["step_vs_sgd"]), name
         assert r["step_cpu_seconds"] > 0 and r["step_seconds"] > 0, name
+        cpu = [h["cpu_seconds"] for h in r["runs"][0]["history"]]
+        assert cpu[0] == 0 and cpu == sorted(cpu) and cpu[-1] > 0, name
+        assert r["runs"][0]["cpu_time_to_target"].keys() == r["runs"][0]["time_to_target"].keys()
     head = out.splitlines()[0].split()
     assert "step/SGD" in head and head[-1] == "Brand"
     b_row = next(line for line in out.splitlines() if line.startswith("b-kfac "))

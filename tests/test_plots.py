@@ -164,3 +164,17 @@ def test_styles_of_compare_and_spectrum_never_repeat_within_a_figure():
     fig = plots.compare_figure("t", "test_accuracy", True, [], res)
     pairs = [(s.style.color, s.style.marker) for s in labelled(fig, 0)]
     assert len(pairs) == 14 and len(set(pairs)) == 14  # 14 > 13 colours: the marker tells the 14th apart
+
+
+def test_compare_legend_gives_step_ratio_and_brand_factors_when_recorded():
+    res = {"sgd": result([50.0, 40.0, 30.0]), "rs-kfac": result([50.0, 30.0, 20.0]),
+           "b-kfac": result([50.0, 25.0, 15.0]), "adam": result([50.0, 35.0, 25.0])}
+    res["sgd"].update(step_vs_sgd=1.0, brand_factors=[], fallback_factors=[], n_factors=0)
+    res["rs-kfac"].update(step_vs_sgd=2.345, brand_factors=[], fallback_factors=[], n_factors=16)
+    res["b-kfac"].update(step_vs_sgd=3.0, brand_factors=["fc1/A", "fc1/G"], fallback_factors=["fc2/A"], n_factors=3)
+    labels = {e.label.split(" ")[0]: e.label for e in labelled(
+        plots.compare_figure("mnist-autoencoder-brand", "train_recon_error", False, [20.0], res), 0)}
+    assert labels["sgd"] == "sgd (lr 0.1)"  # the reference: no ratio of 1
+    assert labels["rs-kfac"] == "rs-kfac (lr 0.1, step 2.3× SGD)"  # not a Brand method: no Brand count
+    assert labels["b-kfac"] == "b-kfac (lr 0.1, step 3× SGD, Brand 2/3)"
+    assert labels["adam"] == "adam (lr 0.1)"  # a result without the fields (an older compare.json)

@@ -388,6 +388,7 @@ def _summarise(task: ex.Task, targets: Sequence[float], name: str, lr: float, sc
     per_seed = []
     for seed, res in runs.items():
         hits = {str(t): ex.reached(task, res.history, t) for t in targets}
+        cpu_hits = {str(t): ex.reached(task, res.history, t, clock="cpu_seconds") for t in targets}
         per_seed.append({
             "seed": seed,
             "final_metric": res.final_metric,
@@ -396,6 +397,7 @@ def _summarise(task: ex.Task, targets: Sequence[float], name: str, lr: float, sc
             "step_seconds": res.step_seconds,
             "step_cpu_seconds": res.step_cpu_seconds,
             "time_to_target": {t: h[0] if h else None for t, h in hits.items()},
+            "cpu_time_to_target": {t: h[0] if h else None for t, h in cpu_hits.items()},
             "epochs_to_target": {t: h[1] if h else None for t, h in hits.items()},
             "phase_seconds": res.phase_seconds,
             "hyperparameters": res.hyperparameters,

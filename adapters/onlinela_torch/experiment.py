@@ -801,8 +801,8 @@ class RunResult:
     history : list of dict
         One record per evaluation (epoch 0 is the initial model): ``epoch``,
         ``seconds`` (cumulative training wall-clock, evaluation excluded),
-        ``train_loss`` (mean over the epoch's batches; NaN at epoch 0) and
-        ``metric``.
+        ``cpu_seconds`` (the same in process-CPU time), ``train_loss`` (mean
+        over the epoch's batches; NaN at epoch 0) and ``metric``.
     diverged : bool
         The loss became non-finite; training stopped.
     phase_seconds : dict of str to float
@@ -894,9 +894,10 @@ def train(
     -------
     RunResult
     """
-    history = list(history) if history else [_record(task, model, data, 0, 0.0, math.nan)]
+    history = list(history) if history else [_record(task, model, data, 0, 0.0, 0.0, math.nan)]
     start_epoch, elapsed = int(history[-1]["epoch"]), history[-1]["seconds"]
-    start_elapsed, cpu = elapsed, 0.0
+    cpu = history[-1].get("cpu_seconds", math.nan)  # NaN: a checkpoint written before CPU time was recorded
+    start_elapsed, start_cpu = elapsed, cpu
     steps = 0
     diverged = False
     model.train()
@@ -923,7 +924,7 @@ def train(
         if diverged:
             logger.warning("loss became non-finite in epoch %d; stopping this run", epoch)
             break
-        history.append(_record(task, model, data, epoch, elapsed, mean_loss))
+        history.append(_record(task, model, data, epoch, elapsed, cpu, mean_loss))
         if progress is not None:
             progress.update(1)
             progress.set_postfix({task.metric_name: f"{history[-1]['metric']:.3g}"})
@@ -935,7 +936,7 @@ def train(
     per_step = (lambda total: total / steps) if steps else (lambda total: math.nan)
     return RunResult(history, diverged, phase_seconds(stats) if stats is not None else dict.fromkeys(_PHASES, 0.0),
                      _hyperparameters(stepper.optimizer), step_seconds=per_step(elapsed - start_elapsed),
-                     step_cpu_seconds=per_step(cpu), factors=factor_report(stats))
+                     step_cpu_seconds=per_step(cpu - start_cpu), factors=factor_report(stats))
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -945,18 +946,25 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def _record(task: Task, model: nn.Module, data: Dataset | TextCorpus, epoch: int, seconds: float,
-            loss: float) -> dict[str, float]:
+            cpu_seconds: float, loss: float) -> dict[str, float]:
     metric = task.evaluate(model, data)
     logger.debug("epoch %d: %.2f s, loss %.4g, %s %.4g", epoch, seconds, loss, task.metric_name, metric)
-    return {"epoch": epoch, "seconds": seconds, "train_loss": loss, "metric": metric}
+    return {"epoch": epoch, "seconds": seconds, "cpu_seconds": cpu_seconds, "train_loss": loss, "metric": metric}
 
 
-def reached(task: Task, history: Sequence[Mapping[str, float]], target: float) -> tuple[float, int] | None:
-    """``(seconds, epoch)`` of the first record meeting ``target``, or None."""
+def reached(task: Task, history: Sequence[Mapping[str, float]], target: float,
+            clock: str = "seconds") -> tuple[float | None, int] | None:
+    """``(seconds, epoch)`` of the first record meeting ``target``, or None.
+
+    ``clock`` is the record's key of the time returned: ``"seconds"``
+    (training wall-clock) or ``"cpu_seconds"`` (training process-CPU time;
+    None when the history does not hold it).
+    """
     for rec in history:
         m = rec["metric"]
         if math.isfinite(m) and (m >= target if task.higher_is_better else m <= target):
-            return rec["seconds"], int(rec["epoch"])
+            t = rec.get(clock)
+            return (None if t is None or not math.isfinite(t) else t), int(rec["epoch"])
     return None
 
 
