@@ -308,23 +308,6 @@ def _eigh_krylov(xp: ModuleType, A: Any, rank: int, k: int, n_iter: int, gen: np
     return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
 
 
-def _next_lanczos_block(xp: ModuleType, K: Any, W: Any, KtW: Any, gen: np.random.Generator) -> Any:
-    """:func:`_next_block` for the Lanczos growth, which already has ``KᵀW`` (a column of ``T``):
-    two classical Gram–Schmidt passes, the first with the known coefficient, one CholeskyQR2 and
-    one verification ``max|KᵀX| <= 10 sqrt(d) eps``; anything unusual (a vanishing block, a failed
-    verification) is handed to :func:`_next_block`, which repeats passes or restarts."""
-    eps = B.eps(xp, W.dtype)
-    Y = W - K @ KtW
-    tiny = xp.linalg.vector_norm(Y, axis=(-2, -1)) <= 1e3 * eps * xp.linalg.vector_norm(W, axis=(-2, -1))
-    if bool(xp.any(tiny)):
-        return _next_block(xp, K, W, gen)
-    Y = Y - K @ (B.mT(xp, K) @ Y)
-    X = _orth(xp, Y)
-    if float(xp.max(xp.abs(B.mT(xp, K) @ X))) <= 10.0 * math.sqrt(int(K.shape[-2])) * eps:
-        return X
-    return _next_block(xp, K, X, gen)
-
-
 def _next_block(xp: ModuleType, K: Any, W: Any, gen: np.random.Generator) -> Any:
     """Orthonormal block spanning ``(I - KKᵀ)W``, orthogonal to the orthonormal ``K``.
 
@@ -419,35 +402,57 @@ def _eigh_auto(xp: ModuleType, A: Any, rank: int, max_basis: int | None, gen: np
     return LowRankPSD.unchecked(K @ W[..., :rank], _clip0(xp, w[..., :rank]))
 
 
+def _next_krylov_block(xp: ModuleType, K: Any, W: Any, KtW: Any, gen: np.random.Generator) -> Any:
+    """The Lanczos block step: one classical Gram–Schmidt pass with the known coefficient
+    ``KᵀW`` (a column of ``T``), CholeskyQR2 and the verification ``max|KᵀX| <= 10 sqrt(d) eps``
+    (two block products against ``K``; a second pass is made only when the verification fails).  A vanishing block (an
+    invariant Krylov space), a failed CholeskyQR2 (rank-deficient block) or a failed
+    verification is handed to :func:`_next_block`, which repeats passes or continues randomly."""
+    eps = B.eps(xp, W.dtype)
+    Y = W - K @ KtW
+    tiny = xp.linalg.vector_norm(Y, axis=(-2, -1)) <= 1e3 * eps * xp.linalg.vector_norm(W, axis=(-2, -1))
+    if bool(xp.any(tiny)):
+        return _next_block(xp, K, W, gen)
+    X = B._cholesky_qr2(xp, Y)
+    if X is None:
+        return _next_block(xp, K, W, gen)
+    if float(xp.max(xp.abs(B.mT(xp, K) @ X))) <= 10.0 * math.sqrt(int(K.shape[-2])) * eps:
+        return X
+    return _next_block(xp, K, X, gen)
+
+
 def _grow_lanczos(xp: ModuleType, A: Any, b: int, cap: int, gen: np.random.Generator, accept: Any) -> tuple[Any, Any, bool]:
-    """Grow ``K = orth[AΩ, A²Ω, ...]`` (blocks of ``b``, block CGS2) and ``T = KᵀAK`` until
+    """Grow ``K = orth[AΩ, A²Ω, ...]`` (blocks of ``b``) and ``T = KᵀAK`` until
     ``accept(K, T, next_block, last_image, last_width, ncols)`` holds, ``cap`` columns are reached
-    or the basis is complete.  ``T`` is extended from the products already made (one product
-    ``A·block`` per block).  Returns ``(K, T, accepted)``."""
+    or the basis is complete.  One product ``A·block`` per block: its image gives ``T``'s new
+    block column, which is also the Gram–Schmidt coefficient of the next block
+    (:func:`_next_krylov_block`).  The basis lives in one preallocated buffer (no copies as it
+    grows).  Returns ``(K, T, accepted)``."""
     d = int(A.shape[-1])
-    blocks = [_orth(xp, A @ _sketch(xp, A, b, gen))]
-    image = A @ blocks[0]
-    T = B.mT(xp, blocks[0]) @ image
-    KtI = T  # Kᵀ·image: T's last block column, and the first Gram–Schmidt coefficient of the next block
-    ncols, last = b, b
+    width = min(b, d)
+    Kb = xp.zeros(tuple(A.shape[:-2]) + (d, min(d, cap + b)), dtype=A.dtype, device=B.device(A))
+    Kb[..., :width] = _orth(xp, A @ _sketch(xp, A, width, gen))
+    image = A @ Kb[..., :width]
+    T = B.mT(xp, Kb[..., :width]) @ image
+    KtI = T  # Kᵀ·image: T's last block column, and the Gram–Schmidt coefficient of the next block
+    ncols, last = width, width
     while True:
-        K = xp.concat(blocks, axis=-1)
+        K = Kb[..., :ncols]
         if ncols >= d:
             return K, T, True
-        width = min(b, d - ncols)
-        nxt = _next_lanczos_block(xp, K, image[..., :width], KtI[..., :width], gen)
-        if accept(K, T, nxt, image, last, ncols):
+        width = min(b, d - ncols, int(Kb.shape[-1]) - ncols)
+        nxt = _next_krylov_block(xp, K, image[..., :width], KtI[..., :width], gen)
+        if accept(K, T, nxt, image, last, ncols) or width == 0:
             return K, T, True
         if ncols >= cap:
             return K, T, False
+        Kb[..., ncols : ncols + width] = nxt
         image = A @ nxt
-        C = B.mT(xp, K) @ image
-        D = B.mT(xp, nxt) @ image
-        T = xp.concat([xp.concat([T, C], axis=-1), xp.concat([B.mT(xp, C), D], axis=-1)], axis=-2)
-        KtI = xp.concat([C, D], axis=-2)
-        blocks.append(nxt)
-        last = int(nxt.shape[-1])
-        ncols += last
+        KtI = B.mT(xp, Kb[..., : ncols + width]) @ image  # [C; D]: Kᵀ A nxt and nxtᵀ A nxt
+        C = KtI[..., :ncols, :]
+        T = xp.concat([xp.concat([T, C], axis=-1), xp.concat([B.mT(xp, C), KtI[..., ncols:, :]], axis=-1)], axis=-2)
+        last = width
+        ncols += width
 
 
 def _due(checks: list[int], ncols: int, last: int) -> bool:

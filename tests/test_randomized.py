@@ -639,3 +639,68 @@ def test_auto_default_on_a_stack(xp):
     for i, lam in enumerate(lams):
         E = _np(A)[i] - (U[i] * w[i]) @ U[i].T
         assert np.linalg.norm(E, 2) <= 1.2 * lam[r]
+
+
+# --------------------------------------------------------------------------- issue 14: the Lanczos block step and EA factors
+
+
+@given(data=st.data())
+def test_next_krylov_block_is_orthonormal_orthogonal_and_spans_the_residual(xp, data):
+    """The default's block step (one Gram–Schmidt pass with the known coefficient, CholeskyQR2,
+    verification, robust fallback): ``X`` orthonormal and orthogonal to ``K`` to the verification
+    tolerance ``10 sqrt(d) eps``, and ``range([K X]) ⊇ range(W)`` whenever ``W`` is not in
+    ``range(K)``: the residual of ``W`` after projecting on ``[K X]`` is at rounding level
+    ``c sqrt(d) eps ||W||`` (c = 50).  Rank-deficient ``W`` (repeated columns) takes the
+    fallback and must satisfy the same."""
+    from onlinela import _backend as B
+    from onlinela.randomized import _next_krylov_block
+
+    d = data.draw(st.integers(20, 60))
+    k = data.draw(st.integers(1, d // 3))
+    b = data.draw(st.integers(1, d // 3))
+    dup = data.draw(st.booleans())
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    K = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    W = rng.standard_normal((d, b)) * np.logspace(0, -3, b)
+    if dup and b > 1:
+        W[:, -1] = W[:, 0]
+    for dtype in (xp.float32, xp.float64):
+        Kx, Wx = xp.asarray(K, dtype=dtype), xp.asarray(W, dtype=dtype)
+        X = _next_krylov_block(xp, Kx, Wx, B.mT(xp, Kx) @ Wx, np.random.default_rng(seed))
+        eps = _eps(xp, dtype)
+        assert tuple(X.shape) == (d, b)
+        assert_orthonormal(X)
+        Xn = _np(X)
+        assert np.max(np.abs(K.T @ Xn)) <= 10 * math.sqrt(d) * eps
+        Q = np.concatenate([K, Xn], axis=1)
+        resid = W - Q @ (Q.T @ W)
+        assert np.linalg.norm(resid) <= C_EXACT * math.sqrt(d) * eps * np.linalg.norm(W)
+
+
+def _ea_factor(d: int, *, steps: int, s: int, decay: float, alpha: float, seed: int) -> np.ndarray:
+    """An EA factor like those of benchmarks/randomized_eigh.py: ``M_k = ρ M_{k-1} + (1-ρ) X_k X_kᵀ``
+    with ``s`` columns per increment drawn from a power-law latent covariance in a random basis."""
+    rng = np.random.default_rng(seed)
+    Q = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    sigma = (1.0 + np.arange(d)) ** -alpha
+    M = np.zeros((d, d))
+    for _ in range(steps):
+        X = Q @ (sigma[:, None] * rng.standard_normal((d, s))) / math.sqrt(s)
+        M = decay * M + (1 - decay) * (X @ X.T)
+    return (M + M.T) / 2
+
+
+@pytest.mark.parametrize("decay, s, alpha", [(0.9, 32, 0.3), (0.95, 64, 0.5), (0.99, 16, 0.8)])
+def test_auto_default_within_the_documented_factor_on_ea_factors(xp, decay, s, alpha):
+    """The default call on EA-built factors (the workload it was calibrated on) meets the
+    accuracy the docs promise, ``||A - Â_r||_2 <= 1.2 λ_{r+1}``, in float32 and float64; the
+    float32 run may add rounding ``c sqrt(d) eps λ_1`` (c = 50) to the bound."""
+    d, r = 320, 24
+    A = _ea_factor(d, steps=40, s=s, decay=decay, alpha=alpha, seed=int(100 * decay) + s)
+    lam = np.linalg.eigvalsh(A)[::-1]
+    for dtype in (xp.float32, xp.float64):
+        M = randomized_eigh(xp.asarray(A, dtype=dtype), r, rng=0)
+        assert M.rank == r
+        assert _err(A, M) <= 1.2 * lam[r] + C_EXACT * math.sqrt(d) * _eps(xp, dtype) * lam[0]
+        assert_orthonormal(M.eigvecs)
