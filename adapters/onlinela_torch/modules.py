@@ -26,12 +26,15 @@ invariant to ``A → cA, G → G/c``).
 from __future__ import annotations
 
 import abc
+import functools
 import logging
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .scaling import write_scaled
 
 __all__ = ["Conv1dHelper", "Conv2dHelper", "LayerHelper", "LinearHelper", "g_scale", "helper_for"]
 
@@ -124,32 +127,58 @@ class LayerHelper(abc.ABC):
         return (rows.T @ rows) * g_scale(n_samples, loss_reduction)
 
     # ------------------------------------------------------------------ gradient
+    @functools.cached_property
+    def _layout(self) -> tuple[nn.Parameter, nn.Parameter | None, int]:
+        """``(weight, bias or None, g_dim)``, read from the module once (the per-step path skips ``nn.Module.__getattr__``)."""
+        return self.module.weight, getattr(self.module, "bias", None), self.g_dim
+
     def grad_matrix(self) -> torch.Tensor | None:
         """The gradient ``[dW | db]`` of shape ``(g_dim, a_dim)``, or ``None`` without a weight gradient.
 
         A new tensor (a concatenation) when the layer has a bias, a view of
         ``weight.grad`` otherwise.
         """
-        w = self.module.weight
+        w, b, g_dim = self._layout
         if w.grad is None:
             return None
-        g = w.grad.reshape(self.g_dim, -1)
-        if self.has_bias:
-            b = self.module.bias
+        g = w.grad.reshape(g_dim, -1)
+        if b is not None:
             bg = b.grad if b.grad is not None else torch.zeros_like(b)
-            g = torch.cat([g, bg.reshape(-1, 1).to(g.dtype)], dim=1)
+            if bg.dtype != g.dtype:
+                bg = bg.to(g.dtype)
+            g = torch.cat([g, bg.reshape(-1, 1)], dim=1)
         return g
 
-    def set_grad_matrix(self, mat: torch.Tensor) -> None:
-        """Write ``mat`` (shape ``(g_dim, a_dim)``) into ``weight.grad`` and ``bias.grad`` in place."""
+    def grad_pairs(self, mat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(destination, source)`` pairs that write ``mat`` (shape ``(g_dim, a_dim)``) into the gradients.
+
+        Destinations are views of ``weight.grad`` (and ``bias.grad``, created
+        as zeros when missing) of the sources' shapes; no data is copied here.
+        """
+        w, b, g_dim = self._layout
+        wg = w.grad
+        if b is None:
+            return [(wg, mat.reshape(wg.shape))]
+        n_w = mat.shape[1] - 1
+        pairs = [(wg.view(g_dim, n_w), mat[:, :n_w]) if wg.is_contiguous() else (wg, mat[:, :n_w].reshape(wg.shape))]
+        if b.grad is None:
+            b.grad = torch.zeros_like(b)
+        pairs.append((b.grad.view(-1), mat[:, n_w]))
+        return pairs
+
+    def set_grad_matrix(self, mat: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """Write ``mat`` (shape ``(g_dim, a_dim)``), times the 0-dim ``scale`` if given, into ``weight.grad`` and ``bias.grad`` in place.
+
+        One scaled copy per tensor (see :func:`onlinela_torch.scaling.write_scaled`).
+        """
         w = self.module.weight
         n_w = self.a_dim - int(self.has_bias)
-        w.grad.copy_(mat[:, :n_w].reshape(w.grad.shape))
+        write_scaled(w.grad, mat[:, :n_w] if self.has_bias else mat, scale)
         if self.has_bias:
             b = self.module.bias
             if b.grad is None:
                 b.grad = torch.zeros_like(b)
-            b.grad.copy_(mat[:, n_w].reshape(b.grad.shape))
+            write_scaled(b.grad, mat[:, n_w], scale)
 
 
 class LinearHelper(LayerHelper):
@@ -205,8 +234,7 @@ class Conv2dHelper(LayerHelper):
         else:
             padding = m.padding
         cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (n·|T|, c_in k_h k_w)
-        return self._append_ones(rows)
+        return _patch_rows(cols, self.has_bias)
 
     def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
         if grad_output.ndim == 3:
@@ -247,13 +275,26 @@ class Conv1dHelper(LayerHelper):
         cols = F.unfold(
             x.unsqueeze(2), (1, m.kernel_size[0]), dilation=(1, m.dilation[0]), padding=(0, padding), stride=(1, m.stride[0])
         )
-        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (n·|T|, c_in k)
-        return self._append_ones(rows)
+        return _patch_rows(cols, self.has_bias)
 
     def g_rows(self, grad_output: torch.Tensor) -> torch.Tensor:
         if grad_output.ndim == 2:
             grad_output = grad_output.unsqueeze(0)
         return grad_output.transpose(1, 2).reshape(-1, grad_output.shape[1])
+
+
+def _patch_rows(cols: torch.Tensor, bias: bool) -> torch.Tensor:
+    """Rows ``(n·|T|, p [+1])`` of unfolded patches ``cols`` ``(n, p, |T|)``, the ones column appended when ``bias``.
+
+    One copy: the transposed patches and the ones are written into one buffer
+    (a transpose-reshape and a concatenation would copy the patches twice).
+    """
+    n, p, t = cols.shape
+    out = cols.new_empty(n, t, p + int(bias))
+    out[..., :p].copy_(cols.transpose(1, 2))
+    if bias:
+        out[..., p].fill_(1.0)
+    return out.view(n * t, p + int(bias))
 
 
 def helper_for(module: nn.Module) -> tuple[LayerHelper | None, str]:

@@ -38,6 +38,7 @@ from torch import nn
 
 from onlinela import validation as V
 
+from . import scaling
 from .factors import (
     BrandDenseFactor,
     BrandFactor,
@@ -46,6 +47,7 @@ from .factors import (
     FactorState,
     RandomizedFactor,
     RankPolicy,
+    all_finite,
     as_rank_policy,
 )
 from .blocks import BlockContext, BlockSet, Uncovered, build_blocks
@@ -347,6 +349,9 @@ class KFACPreconditioner:
         self.method = method
         self._lr = _float_schedule(lr, "lr")
         self._damping = _float_schedule(damping, "damping")
+        # a damping schedule may change every step: no cached damped inverse is then reused
+        self._damping_varies = callable(damping)
+        self._reuse = 1  # expected reuse of this step's (snapshot, damping) pairs, see inverse.damped_solve
         self.factor_decay = V.check_real(factor_decay, "factor_decay", low=0.0, high=1.0, low_open=True, high_open=True)
         self._t_updt = _int_schedule(factor_update_freq, "factor_update_freq")
         self._t_inv = _int_schedule(inv_update_freq, "inv_update_freq")
@@ -403,6 +408,7 @@ class KFACPreconditioner:
         # per layer / block tensor: (EA of the squared gradient norm, count) for graft="unit"
         self._grad_sq: dict[str, tuple[float, int]] = {}
         self._param_names = {id(p): n for n, p in model.named_parameters()}
+        self._params = list(model.parameters())
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
         self._warn = WarningCounter(logger)
@@ -462,7 +468,7 @@ class KFACPreconditioner:
             complement=self.complement,
             make_factor=self._block_factor,
             kron_solve=lambda G, A, X, damping: apply_inverse(
-                G, A, X, damping, self.damping_convention, self.complement, self.damping_scale
+                G, A, X, damping, self.damping_convention, self.complement, self.damping_scale, reuse=self._reuse
             ),
             timer=self._timer,
         )
@@ -853,11 +859,15 @@ class KFACPreconditioner:
                 self._warn.warn("unused_forward", "step %d: %d forward pass(es) of %s had no backward before step(); "
                                 "their statistics are dropped", k, len(layer.pending_a), layer.name)
         lam = self.damping_at(k)
+        self._reuse = self._expected_reuse(k)
         device_type = next(iter(self.layers.values())).module.weight.device.type
+        # full-precision linear algebra (entering an autocast context costs more than a small layer's step)
+        no_autocast = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
         try:
-            with torch.autocast(device_type, enabled=False):  # full-precision linear algebra
-                for layer in self.layers.values():
-                    self._update_layer(layer, plan, lam, k)
+            with no_autocast:
+                if plan.capture or plan.decompose or plan.overwrite:  # otherwise no factor has anything to do
+                    for layer in self.layers.values():
+                        self._update_layer(layer, plan, lam, k)
                 t0 = self._timer()
                 self.blocks.update(decompose=plan.decompose, damping=lam, step=k)
                 self._seconds["decomposition"] += self._timer() - t0
@@ -868,6 +878,12 @@ class KFACPreconditioner:
             for layer in self.layers.values():
                 layer.reset_capture()
             self.steps += 1
+
+    def _expected_reuse(self, k: int) -> int:
+        """Steps a decomposition is applied under one damping: its refresh period, 1 under a damping schedule."""
+        if self._damping_varies:
+            return 1
+        return self._t_brand(k) if self.method in _BRAND else self._t_inv(k)
 
     def _update_layer(self, layer: KFACLayer, plan: _Plan, lam: float, k: int) -> None:
         if plan.capture and layer.a_rows_seen:
@@ -899,31 +915,24 @@ class KFACPreconditioner:
 
     def _precondition_step(self, k: int, lam: float) -> bool:
         t0 = self._timer()
-        entries: list[tuple[KFACLayer, torch.Tensor]] = []
-        for layer in self.layers.values():
-            w = layer.module.weight
-            if w.requires_grad and w.grad is not None:
-                entries.append((layer, layer.helper.grad_matrix()))
-        all_grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        entries: list[tuple[KFACLayer, torch.Tensor]] = [
+            (layer, layer.helper.grad_matrix())
+            for layer in self.layers.values()
+            if layer.module.weight.requires_grad and layer.module.weight.grad is not None
+        ]
+        covered = {id(p) for layer, _ in entries for p in (layer.module.weight, layer.module.bias) if p is not None}
+        others = [p for p in self._params if p.grad is not None and id(p) not in covered]
         thin_layers = [(layer, g) for layer, g in entries if self._thin_candidate(layer)]
-        # max|g| is NaN/Inf exactly when g is not finite: one reduction per tensor, no temporaries
-        checks = [torch.isfinite(torch.linalg.vector_norm(g, math.inf)).float() for g in all_grads]
-        checks += [self._probe_error(layer, g, k) for layer, g in thin_layers]
-        values = torch.stack([c.reshape(()).float().cpu() for c in checks]).tolist() if checks else []
-        finite, probes = values[: len(all_grads)], values[len(all_grads) :]
-        if not all(finite):
-            self._skipped_steps += 1
-            bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-            self._warn.warn("nonfinite_gradient", "step %d: non-finite gradient in %s; step skipped (grads set to None)",
-                            k, ", ".join(bad))
-            for p in self.model.parameters():
-                p.grad = None
-            self.blocks.discard()
+        # one fused norm over every gradient (the finiteness test and the graft / unit-scale lengths), one host read
+        gnorm = scaling.norms([g for _, g in entries] + [p.grad for p in others])
+        checks = [gnorm] + [self._probe_error(layer, g, k).reshape(1) for layer, g in thin_layers]
+        values = torch.cat([c.to(gnorm.device) for c in checks]).tolist() if entries or others else []
+        n_grads = len(entries) + len(others)
+        norms_host, probes = values[:n_grads], values[n_grads:]
+        if not all(map(math.isfinite, norms_host)) and self._skip_nonfinite(k):
             self._seconds["preconditioning"] += self._timer() - t0
             return False
-        thin_ok = {
-            layer.name: err <= _probe_tol(layer) for (layer, _), err in zip(thin_layers, probes)
-        }
+        thin_ok = {layer.name: err <= _probe_tol(layer) for (layer, _), err in zip(thin_layers, probes)}
         vs: list[torch.Tensor] = []
         for layer, g in entries:
             t1 = self._timer()
@@ -933,51 +942,89 @@ class KFACPreconditioner:
                 layer.counters["degenerate"] += 1
             if layer.name in thin_ok:
                 layer.counters["low_rank_grad" if use_thin else "low_rank_grad_fallback"] += 1
-            v = self._apply_layer(layer, g, lam, thin=use_thin)
-            if self.rms_clip is not None:
-                rms = v.float().square().mean().sqrt()
-                v = v * torch.clamp(self.rms_clip / rms, max=1.0).to(v.dtype)
-            vs.append(v)
+            vs.append(self._apply_layer(layer, g, lam, thin=use_thin))
             layer.seconds["preconditioning"] += self._timer() - t1
         block_out = list(self.blocks.precondition(lam).items())  # (parameter, preconditioned gradient)
-        gs = [g for _, g in entries] + [p.grad for p, _ in block_out]
-        keys = [layer.name for layer, _ in entries] + [self._param_names.get(id(p), str(id(p))) for p, _ in block_out]
         vs += [v for _, v in block_out]
-        if self.graft is not None:
-            vs = [_graft(v, g) for v, g in zip(vs, gs)]
-            if self.graft == "unit":
-                vs = self._unit_scale(vs, gs, keys)
+        gs = [g for _, g in entries] + [p.grad for p, _ in block_out]
+        ng, ng_host = self._block_norms(gnorm, norms_host, len(entries), others, block_out)
+        rms = None
+        if self.graft == "unit" and vs:
+            keys = [layer.name for layer, _ in entries] + [self._param_names.get(id(p), str(id(p))) for p, _ in block_out]
+            rms = self._unit_rms(keys, ng_host)
+        scales = scaling.direction_scales(vs, ng, rms, graft=self.graft, rms_clip=self.rms_clip) if vs else None
         if self.kl_clip is not None and vs:
-            lr = self.effective_lr(k)
-            vg = sum(torch.dot(v.reshape(-1).float(), g.reshape(-1).float()) for v, g in zip(vs, gs)) * lr**2
-            nu = torch.clamp(torch.sqrt(self.kl_clip / vg.abs()), max=1.0)
-            vs = [v * nu.to(v.dtype) for v in vs]
-        for (layer, _), v in zip(entries, vs):
-            layer.helper.set_grad_matrix(v)
-            w = layer.module.weight.grad
-            layer.written = (id(w), w._version)
-        for (p, _), v in zip(block_out, vs[len(entries) :]):
-            p.grad.copy_(v.reshape(p.grad.shape).to(p.grad.dtype))
+            scales = scaling.kl_scales(scales, vs, gs, self.effective_lr(k), self.kl_clip)
+        self._write(entries, block_out, vs, scales)
         self._seconds["preconditioning"] += self._timer() - t0
         return True
 
-    def _unit_scale(self, vs: list[torch.Tensor], gs: list[torch.Tensor], keys: list[str]) -> list[torch.Tensor]:
-        """Divide each layer's (block tensor's) direction by the running RMS of its gradient norm.
+    @staticmethod
+    def _write(
+        entries: list[tuple[KFACLayer, torch.Tensor]], block_out: list[tuple[nn.Parameter, torch.Tensor]],
+        vs: list[torch.Tensor], scales: torch.Tensor | None,
+    ) -> None:
+        """``p.grad ← c · v`` for every layer and block tensor: two fused calls (copy, scale) for all of them."""
+        per = [None] * len(vs) if scales is None else scales.unbind(0)
+        dsts: list[torch.Tensor] = []
+        srcs: list[torch.Tensor] = []
+        cs: list[torch.Tensor | None] = []
+        for (layer, _), v, c in zip(entries, vs, per):
+            for dst, src in layer.helper.grad_pairs(v):
+                dsts.append(dst)
+                srcs.append(src)
+                cs.append(c)
+        for (p, _), v, c in zip(block_out, vs[len(entries) :], per[len(entries) :]):
+            dsts.append(p.grad)
+            srcs.append(v.reshape(p.grad.shape))
+            cs.append(c)
+        scaling.write_all(dsts, srcs, None if scales is None else cs)
+        for layer, _ in entries:
+            w = layer.module.weight.grad
+            layer.written = (id(w), w._version)
 
-        After grafting ``‖v_l‖ = ‖g_l‖``, so each layer's step is ``≈ lr`` long
-        whatever the scale of the loss, layer by layer (one host read per step).
+    def _skip_nonfinite(self, k: int) -> bool:
+        """A gradient norm was not finite: skip the step (grads set to None) if an element truly is; False on overflow."""
+        bad = [n for n, p in self.model.named_parameters() if p.grad is not None and not all_finite(p.grad)]
+        if not bad:  # finite entries whose squares overflowed the norm
+            return False
+        self._skipped_steps += 1
+        self._warn.warn("nonfinite_gradient", "step %d: non-finite gradient in %s; step skipped (grads set to None)",
+                        k, ", ".join(bad))
+        for p in self.model.parameters():
+            p.grad = None
+        self.blocks.discard()
+        return True
+
+    @staticmethod
+    def _block_norms(
+        gnorm: torch.Tensor, host: list[float], n_layers: int, others: list[nn.Parameter],
+        block_out: list[tuple[nn.Parameter, torch.Tensor]],
+    ) -> tuple[torch.Tensor, list[float]]:
+        """Gradient norms of the layers then of the block outputs, on the device and on the host (from ``gnorm``)."""
+        if not block_out:
+            return gnorm[:n_layers], host[:n_layers]
+        pos = {id(p): n_layers + i for i, p in enumerate(others)}
+        idx = [pos.get(id(p), -1) for p, _ in block_out]
+        if min(idx) < 0:  # a block parameter shared with a Kronecker layer: its own norm
+            extra = scaling.norms([p.grad for p, _ in block_out]).to(gnorm.device)
+            return torch.cat([gnorm[:n_layers], extra]), host[:n_layers] + extra.tolist()
+        sel = torch.tensor(list(range(n_layers)) + idx, device=gnorm.device)
+        return gnorm.index_select(0, sel), [host[i] for i in sel.tolist()]
+
+    def _unit_rms(self, keys: list[str], norms: list[float]) -> list[float]:
+        """Update the running mean of each key's squared gradient norm; its debiased root (``graft="unit"``).
+
+        After grafting ``‖v_l‖ = ‖g_l‖``, so dividing by this RMS makes each
+        layer's step ``≈ lr`` long whatever the scale of the loss, layer by layer.
         """
-        if not vs:
-            return vs
-        sqs = torch.stack([torch.sum(g.float() * g.float()) for g in gs]).cpu().tolist()
         beta = _UNIT_DECAY
         out = []
-        for v, sq, key in zip(vs, sqs, keys):
+        for key, n in zip(keys, norms):
             ea, count = self._grad_sq.get(key, (0.0, 0))
-            ea, count = beta * ea + (1 - beta) * sq, count + 1
+            ea, count = beta * ea + (1 - beta) * n * n, count + 1
             self._grad_sq[key] = (ea, count)
-            rms = math.sqrt(ea / (1 - beta**count))
-            out.append(v if rms == 0 else v / rms)
+            out.append(math.sqrt(ea / (1 - beta**count)))
         return out
 
     def _already_written(self) -> bool:
@@ -1004,7 +1051,7 @@ class KFACPreconditioner:
             return g
         if thin:
             return self._apply_thin(layer, eG, eA, lam).to(g.dtype)
-        return apply_inverse(eG, eA, g, lam, self.damping_convention, self.complement, self.damping_scale)
+        return apply_inverse(eG, eA, g, lam, self.damping_convention, self.complement, self.damping_scale, reuse=self._reuse)
 
     def _thin_candidate(self, layer: KFACLayer) -> bool:
         """Captured rows pair up and the thin path is cheaper than the dense one."""
@@ -1194,13 +1241,6 @@ def _factor_shapes(sd: Mapping[str, Any] | None) -> list[tuple[str, tuple[int, .
         if sd.get(key) is not None:
             out.append((f"{key} eigenvectors", tuple(sd[key]["eigvecs"].shape)))
     return out
-
-
-def _graft(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``v`` rescaled to the Frobenius norm of ``g`` (grafting: direction from ``v``, length from SGD)."""
-    nv = torch.linalg.vector_norm(v.float())
-    ng = torch.linalg.vector_norm(g.float())
-    return v * torch.where(nv > 0, ng / nv.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(nv)).to(v.dtype)
 
 
 def _eigen(f: FactorState | None) -> FactorEigen | None:
