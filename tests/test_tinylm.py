@@ -121,6 +121,9 @@ def test_compare_tiny_lm_with_adamw_and_kfac_writes_the_validation_loss_history(
         cls = type(ex.build_stepper(kfac, torch.nn.Linear(2, 2), lr=0.1).optimizer)
         default = inspect.signature(cls.__init__).parameters["momentum"].default
         assert payload["results"][kfac]["runs"][0]["hyperparameters"]["momentum"] == default  # the class's own
+        factors = payload["results"][kfac]["runs"][0]["factors"]  # the curvature blocks' factors are reported too
+        assert factors["head/G"]["dim"] == 97 and factors["tok/A"]["kind"] == "diagonal"
+        assert any(name.startswith("layers.0.self_attn/") for name in factors), sorted(factors)
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 

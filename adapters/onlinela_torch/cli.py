@@ -311,13 +311,14 @@ def _compare(args: argparse.Namespace) -> int:
     probe_epochs = args.probe_epochs if args.probe_epochs is not None else task.probe_epochs
     probe_steps = max(1, math.ceil(probe_epochs * steps_per_epoch))
     out = _out_dir(args)
+    preset = {} if args.lr or args.lr_grid else {n: task.lrs[n] for n in names if n in task.lrs}  # not probed
     logger.info(
-        "compare: %s, %s, %d epochs x %d steps, batch %d, seeds %s, lr grid %s",
-        task.name, ", ".join(names), epochs, steps_per_epoch, batch, args.seeds, grid,
+        "compare: %s, %s, %d epochs x %d steps, batch %d, seeds %s, %s",
+        task.name, ", ".join(names), epochs, steps_per_epoch, batch, args.seeds,
+        f"lr grid {grid}" if len(preset) < len(names) else "the task's learning rates",
     )
-    if not (args.lr or args.lr_grid) and task.lrs:
-        logger.info("compare: %s sets the learning rates of %s (no probe; --lr-grid probes them)",
-                    task.name, ", ".join(n for n in names if n in task.lrs))
+    if preset:
+        logger.info("compare: %s sets the learning rates %s (no probe; --lr-grid probes them)", task.name, preset)
 
     def run(name: str, lr: float, seed: int, *, max_steps: int | None = None) -> ex.RunResult:
         model, stepper = _build(args, task, data, name, lr, seed)
@@ -329,7 +330,6 @@ def _compare(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     failed: dict[str, str] = {}
     t_start = time.perf_counter()
-    preset = {} if args.lr or args.lr_grid else dict(task.lrs)  # the task's learning rates, not probed
     for name in names:
         try:
             if name in preset:
@@ -366,7 +366,7 @@ def _compare(args: argparse.Namespace) -> int:
         "higher_is_better": task.higher_is_better,
         "data": task.data_summary(data),
         "config": {"epochs": epochs, "batch_size": batch, "seeds": args.seeds, "targets": targets,
-                   "lr_grid": grid, "probe_steps": probe_steps if len(grid) > 1 else 0,
+                   "lr_grid": grid, "probe_steps": probe_steps if len(grid) > 1 and len(preset) < len(names) else 0,
                    "width": args.width if args.width is not None else task.width, "momentum": args.momentum,
                    "kfac_momentum": args.kfac_momentum if args.kfac_momentum is not None else task.kfac_momentum,
                    "weight_decay": args.weight_decay, "kfac_options": {**task.kfac, **_kfac_options(args)},
@@ -481,8 +481,8 @@ def _compare_table(task: ex.Task, targets: Sequence[float], results: dict[str, A
     text += "(time to target: median training seconds / epochs over the seeds that reached it; evaluation excluded)\n"
     preset = [n for n, r in results.items() if r.get("lr_source") == "task"]
     if preset:
-        text += (f"(lr of {', '.join(preset)}: the task's preset, not probed; --lr-grid probes "
-                 "the grid)\n")
+        who = "every optimizer" if len(preset) == len(results) else ", ".join(preset)
+        text += f"(lr of {who}: the task's preset, not probed; --lr-grid probes the grid)\n"
     clock = "process-CPU" if clock == "cpu" else "wall-clock"
     text += (f"(step/SGD: mean {clock} seconds of a training step, forward and backward included, over SGD's "
              "in this run" + ("" if "sgd" in results else "; needs sgd among --optimizers") + ")\n")
