@@ -203,21 +203,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="steady-state steps timed (from step 100)")
     p.add_argument("--label", default="after", help="JSON name suffix, e.g. before / after")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="torch.set_flush_denormal(True): subnormal floats slow some tasks' backward ~7x on x86")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     RESULTS.mkdir(exist_ok=True)
     labels = {lab: RESULTS / f"step_overhead_{lab}.json" for lab in ("before", "after")}
+    if args.label not in labels:  # a side run (e.g. ftz_before / ftz_after): its own PNG
+        labels = {lab: RESULTS / f"step_overhead_{args.label.rsplit('_', 1)[0]}_{lab}.json" for lab in ("before", "after")}
     if not args.plot_only:
         torch.set_num_threads(1)
+        torch.set_flush_denormal(args.flush_denormal)
         methods = args.methods.split(",")
         results = run(None if args.tasks is None else args.tasks.split(","), methods, args.steps)
         env = zoo.environment()
-        env.update(steps=args.steps, warmup_window=[0, WARMUP_STEPS], steady_window=[STEADY_START, STEADY_START + args.steps])
+        import onlinela_torch
+
+        env.update(library=onlinela_torch.__file__, flush_denormal=args.flush_denormal, steps=args.steps, warmup_window=[0, WARMUP_STEPS], steady_window=[STEADY_START, STEADY_START + args.steps])
         path = RESULTS / f"step_overhead_{args.label}.json"
         path.write_text(json.dumps(zoo.clean({"environment": env, "results": results}), indent=1))
         logger.info("wrote %s", path)
         labels.setdefault(args.label, path)
-    plot(labels, RESULTS / "step_overhead.png")
+    stem = "step_overhead" if "before" in labels and labels["before"].name == "step_overhead_before.json" else (
+        f"step_overhead_{args.label.rsplit('_', 1)[0]}")
+    plot(labels, RESULTS / f"{stem}.png")
     return 0
 
 
