@@ -458,7 +458,7 @@ def test_brand_showcase_task_runs_brand_updates_and_reports_step_ratios(tmp_path
     if "b-kfac" not in ex.available_optimizers():
         pytest.skip("the K-FAC family is not importable in this installation")
     batch = 16
-    code, out, _ = run(["compare", "--task", "mnist-autoencoder-brand", "--max-train", "48", "--batch-size",
+    code, out, _ = run(["compare", "--task", "mnist-autoencoder-brand", "--max-train", "32", "--batch-size",
                         str(batch), "--epochs", "1", "--optimizers", "sgd,rs-kfac,b-kfac", "--out", str(tmp_path)],
                        capsys)
     assert code == 0
