@@ -1,29 +1,37 @@
 """KLD-WRM (SO, Q, QE) against K-FAC on MNIST with the KLD-WRM paper's small CNN.
 
-The paper's MNIST setting (algorithms.md §5) on the bundled 5,000-image MNIST
-subset (4,000 train / 1,000 test, the fixed stratified split of
+The paper's MNIST protocol (algorithms.md §5) on the bundled 5,000-image
+MNIST subset (4,000 train / 1,000 test, the fixed stratified split of
 ``load_mnist_subset(seed=0)``): the small CNN (dropout 0.5), batch 512 (the
-last partial batch of an epoch is dropped: 7 steps per epoch), lr 0.01 with
-plain SGD (momentum 0), weight decay 1e-3 added by SGD after the
-preconditioning, damping 0.01, KL clip 0.1; ρ = 0.95 for K-FAC, 0.33 for SO,
-0.5 for Q and QE; QE with 7 inner steps (lr 0.1·lr, momentum 0.5) and 3
-stored networks.  The paper uses T_updt = T_inv = 30 on full MNIST (117 steps
-per epoch, ~4 statistics updates per epoch); with 7 steps per epoch the
-default here is T_updt = T_inv = 2, the same number of updates per epoch.
-Plain SGD is run as a reference.
+last partial batch of an epoch is dropped: 7 steps per epoch), plain SGD
+(momentum 0) with weight decay 1e-3 added by SGD after the preconditioning.
+
+* K-FAC and the SGD reference run the paper's setting: lr 0.01, damping 0.01,
+  KL clip 0.1, ρ = 0.95; the paper's T_updt = T_inv = 30 on full MNIST (117
+  steps per epoch, ~4 statistics updates per epoch) becomes T_updt = T_inv = 2
+  here (7 steps per epoch, the same number of updates per epoch).
+* The KLD-WRM variants run, by default (``--kld-settings defaults``), the
+  library's defaults (``KLDWRM(model, opt, variant=v)``, docs/kldwrm.rst) at
+  ``--kld-lr`` (0.3: the lr the task zoo's ``mnist-smallcnn`` task picks for
+  every variant at equal steps).  ``--kld-settings paper`` gives them the
+  paper's setting instead (lr 0.01, damping 0.01, KL clip 0.1, T = 2, no
+  graft, no RMS cap for SO; ρ = 0.33 for SO, 0.5 for Q and QE; QE with 7 inner
+  steps, inner lr 0.1·lr, momentum 0.5, 3 stored networks).
 
 Every optimizer runs the same seeds (initialisation, shuffling and dropout);
 the table reports the test accuracy after the last epoch, mean ± std over
-seeds.  Runs are spread over ``--workers`` processes with one torch thread each.
+seeds, and the process CPU seconds per epoch (one torch thread per run).
+Runs are spread over ``--workers`` processes.
 
 Usage::
 
+    .venv/bin/python benchmarks/kldwrm_mnist.py --epochs 50 --seeds 0 1 2 3 4 --workers 1 --tag e50
     .venv/bin/python benchmarks/kldwrm_mnist.py              # 15 epochs, seeds 0 1 2
     .venv/bin/python benchmarks/kldwrm_mnist.py --quick      # 2 epochs, seed 0
     # QE's kl_weight ablation and the exact-KL / K-FAC-KL diagnostic (docs/kldwrm.rst):
-    .venv/bin/python benchmarks/kldwrm_mnist.py --optimizers kld-wrm-qe --epochs 6 --seeds 0 1 \
+    .venv/bin/python benchmarks/kldwrm_mnist.py --kld-settings paper --optimizers kld-wrm-qe --epochs 6 --seeds 0 1 \
         --qe-kl-weight 1.0 --tag qe_klw1
-    .venv/bin/python benchmarks/kldwrm_mnist.py --optimizers kfac kld-wrm-q --epochs 1 --seeds 0 1 \
+    .venv/bin/python benchmarks/kldwrm_mnist.py --kld-settings paper --optimizers kfac kld-wrm-q --epochs 1 --seeds 0 1 \
         --kl-ratio-steps 42 --tag klratio
 
 Writes ``benchmarks/results/kldwrm_mnist[_quick][_TAG].json`` and ``.png``.
@@ -61,8 +69,19 @@ def _curvature(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ar
         return KFACPreconditioner(
             model, method="kfac", lr=lambda step: opt.param_groups[0]["lr"], factor_decay=args.kfac_decay, **common
         )
-    config = KLDWRMConfig() if args.qe_kl_weight is None else KLDWRMConfig(kl_weight=args.qe_kl_weight)
-    return KLDWRM(model, opt, variant=name.rsplit("-", 1)[1], config=config, **common)
+    variant = name.rsplit("-", 1)[1]
+    if args.kld_settings == "defaults":
+        return KLDWRM(model, opt, variant=variant)
+    paper = dict(graft=None, config=KLDWRMConfig(
+        rms_clip=None if variant == "so" else 2.0,
+        kl_weight=0.1 if args.qe_kl_weight is None else args.qe_kl_weight,
+    ))
+    return KLDWRM(model, opt, variant=variant, **common, **paper)
+
+
+def _lr(name: str, args: argparse.Namespace) -> float:
+    """The optimizer's lr: ``--kld-lr`` for the KLD-WRM variants with the library defaults, ``--lr`` otherwise."""
+    return args.kld_lr if name.startswith("kld-wrm") and args.kld_settings == "defaults" else args.lr
 
 
 @torch.no_grad()
@@ -79,16 +98,17 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     data = load_mnist_subset(seed=0)
     torch.manual_seed(seed)
     model = SmallCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0, weight_decay=args.wd)
+    opt = torch.optim.SGD(model.parameters(), lr=_lr(name, args), momentum=0.0, weight_decay=args.wd)
     curv = _curvature(name, model, opt, args)
     n = data.x_train.shape[0]
     steps_per_epoch = n // args.batch
-    history = [{"epoch": 0, "seconds": 0.0, "train_loss": float("nan"), "test_acc": _accuracy(model, data.x_test, data.y_test)}]
-    elapsed, skipped = 0.0, 0
+    history = [{"epoch": 0, "seconds": 0.0, "cpu_seconds": 0.0, "train_loss": float("nan"),
+                "test_acc": _accuracy(model, data.x_test, data.y_test)}]
+    elapsed, cpu, skipped = 0.0, 0.0, 0
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * seed + epoch))
         losses = []
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for b in range(steps_per_epoch):
             idx = order[b * args.batch : (b + 1) * args.batch]
             x, y = data.x_train[idx], data.y_train[idx]
@@ -102,14 +122,16 @@ def run_one(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
             opt.step()
             losses.append(float(loss.detach()))
         elapsed += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         history.append({
             "epoch": epoch,
             "seconds": elapsed,
+            "cpu_seconds": cpu,
             "train_loss": sum(losses) / len(losses),
             "test_acc": _accuracy(model, data.x_test, data.y_test),
         })
     logger.info("%s seed %d: %.2f%% after %d epochs (%.1f s)", name, seed, history[-1]["test_acc"], args.epochs, elapsed)
-    return {"optimizer": name, "seed": seed, "history": history, "skipped_steps": skipped}
+    return {"optimizer": name, "seed": seed, "lr": _lr(name, args), "history": history, "skipped_steps": skipped}
 
 
 def kl_ratio(name: str, seeds: list[int], args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +195,11 @@ def summarise(runs: list[dict[str, Any]], optimizers: tuple[str, ...]) -> dict[s
     for name in optimizers:
         accs = [r["history"][-1]["test_acc"] for r in runs if r["optimizer"] == name]
         secs = [r["history"][-1]["seconds"] / r["history"][-1]["epoch"] for r in runs if r["optimizer"] == name]
+        cpus = [r["history"][-1]["cpu_seconds"] / r["history"][-1]["epoch"] for r in runs if r["optimizer"] == name]
         out[name] = {
+            "lr": next(r["lr"] for r in runs if r["optimizer"] == name),
+            "test_acc_per_seed": accs,
+            "cpu_seconds_per_epoch": statistics.fmean(cpus),
             "test_acc_mean": statistics.fmean(accs),
             "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "seconds_per_epoch": statistics.fmean(secs),
@@ -208,6 +234,34 @@ def _plot(runs: list[dict[str, Any]], optimizers: tuple[str, ...], path: pathlib
     plt.close(fig)
 
 
+def _title(args: argparse.Namespace, seeds: list[int]) -> str:
+    kld_lr = args.kld_lr if args.kld_settings == "defaults" else args.lr
+    return (
+        f"MNIST subset, small CNN, batch {args.batch}, {args.epochs} epochs; KLD-WRM {args.kld_settings} "
+        f"(lr {kld_lr}), K-FAC paper (lr {args.lr}); seeds {seeds} (mean ± std)"
+    )
+
+
+def _result(
+    runs: list[dict[str, Any]], optimizers: tuple[str, ...], args: argparse.Namespace, wall: float, *,
+    partial: bool, path: pathlib.Path | None,
+) -> dict[str, Any]:
+    """The JSON record of ``runs`` (written to ``path`` when given); ``partial`` marks a run still in progress."""
+    done = tuple(name for name in optimizers if any(r["optimizer"] == name for r in runs))
+    result = {
+        "benchmark": "kldwrm_mnist",
+        "config": {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()},
+        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+        "partial": partial,
+        "wall_seconds": wall,
+        "summary": summarise(runs, done),
+        "runs": runs,
+    }
+    if path is not None:
+        path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=15)
@@ -221,7 +275,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--kfac-decay", type=float, default=0.95)
     parser.add_argument("--t-updt", type=int, default=2)
     parser.add_argument("--t-inv", type=int, default=2)
-    parser.add_argument("--qe-kl-weight", type=float, default=None, help="QE's KLDWRMConfig.kl_weight (λ = kl_weight/lr; default the config's 0.1)")
+    parser.add_argument("--qe-kl-weight", type=float, default=None,
+                        help="QE's KLDWRMConfig.kl_weight with --kld-settings paper (λ = kl_weight/lr; default 0.1)")
+    parser.add_argument("--kld-settings", choices=("defaults", "paper"), default="defaults",
+                        help="KLD-WRM with the library defaults at --kld-lr, or with the paper's setting at --lr")
+    parser.add_argument("--kld-lr", type=float, default=0.3, help="lr of the KLD-WRM variants with --kld-settings defaults")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="2 epochs, seed 0 (a smoke run)")
     parser.add_argument("--tag", default="", help="suffix of the output files (ablations)")
@@ -235,44 +293,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.epochs, args.seeds = 2, [0]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     optimizers = tuple(args.optimizers)
-    # the slowest runs first, so the workers finish together
-    jobs = [(name, seed, args) for name in reversed(optimizers) for seed in args.seeds]
+    stem = "kldwrm_mnist" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if args.workers > 1:
+        # the slowest runs first, so the workers finish together
+        jobs = [(name, seed, args) for name in reversed(optimizers) for seed in args.seeds]
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
             runs = pool.map(_run_star, jobs, chunksize=1)
     else:
-        runs = [run_one(*job) for job in jobs]
-    wall = time.perf_counter() - t0
-    summary = summarise(runs, optimizers)
-    config = {k: (str(v) if isinstance(v, pathlib.Path) else v) for k, v in vars(args).items()}
-    result = {
-        "benchmark": "kldwrm_mnist",
-        "config": config,
-        "platform": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
-        "wall_seconds": wall,
-        "summary": summary,
-        "runs": runs,
-    }
+        # seed by seed, every optimizer of a seed before the next seed, the JSON rewritten after each run:
+        # a run stopped early leaves complete seeds behind
+        runs = []
+        for seed in args.seeds:
+            for name in optimizers:
+                runs.append(run_one(name, seed, args))
+                _result(runs, optimizers, args, time.perf_counter() - t0, partial=True, path=args.out / f"{stem}.json")
+            done = args.seeds[: args.seeds.index(seed) + 1]
+            _plot(runs, optimizers, args.out / f"{stem}.png", _title(args, done))
+    result = _result(runs, optimizers, args, time.perf_counter() - t0, partial=False, path=None)
     if args.kl_ratio_steps:
         result["kl_ratio"] = {
             name: kl_ratio(name, args.seeds[:2], args) for name in ("kfac", "kld-wrm-q") if name in optimizers
         }
-    stem = "kldwrm_mnist" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    title = (
-        f"MNIST subset, small CNN, batch {args.batch}, lr {args.lr}, {args.epochs} epochs, "
-        f"seeds {args.seeds} (mean ± std)"
-    )
-    _plot(runs, optimizers, args.out / f"{stem}.png", title)
-    logger.info("%-12s %-16s %s", "optimizer", "test acc (%)", "s/epoch")
-    for name, s in summary.items():
-        logger.info("%-12s %6.2f ± %-7.2f %.2f", name, s["test_acc_mean"], s["test_acc_std"], s["seconds_per_epoch"])
+    _plot(runs, optimizers, args.out / f"{stem}.png", _title(args, args.seeds))
+    logger.info("%-12s %-6s %-16s %-8s %s", "optimizer", "lr", "test acc (%)", "s/epoch", "CPU s/epoch")
+    for name, s in result["summary"].items():
+        logger.info("%-12s %-6g %6.2f ± %-7.2f %-8.2f %.2f", name, s["lr"], s["test_acc_mean"], s["test_acc_std"],
+                    s["seconds_per_epoch"], s["cpu_seconds_per_epoch"])
     for name, r in result.get("kl_ratio", {}).items():
         logger.info("%s: exact KL / K-FAC second-order KL of the step: median %.1f, quartiles %.1f-%.1f",
                     name, r["median"], r["quartiles"][0], r["quartiles"][2])
-    logger.info("wall %.0f s; wrote %s", wall, args.out / f"{stem}.json")
+    logger.info("wall %.0f s; wrote %s", result["wall_seconds"], args.out / f"{stem}.json")
     return result
 
 

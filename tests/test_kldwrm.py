@@ -58,7 +58,7 @@ def test_so_recursion_is_the_closed_form_wake_minimiser(rho):
 
     One Linear layer, squared loss, exact Gaussian Fisher: F_i = A_i ⊗ I exactly
     (G ≡ I), so K-FAC's EA is the EA of the F_i.  No clipping, damping 1e-12,
-    statistics and decompositions every step, a changing learning rate.
+    statistics and decompositions every step, a changing learning rate, no graft (natural-gradient length).
     Weights: the debiased EA's, w_ki = (1-ρ) ρ^(k-i) / (1-ρ^(k+1)).
     """
     d_in, d_out, n, steps = 4, 3, 9, 8
@@ -66,7 +66,7 @@ def test_so_recursion_is_the_closed_form_wake_minimiser(rho):
     lin = nn.Linear(d_in, d_out).double()
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
     kld = KLDWRM(
-        lin, opt, variant="so", config=KLDWRMConfig(rho=rho), damping=1e-12, kl_clip=None,
+        lin, opt, variant="so", config=KLDWRMConfig(rho=rho, rms_clip=None), damping=1e-12, kl_clip=None, graft=None,
         factor_update_freq=1, inv_update_freq=1, fisher="exact",
         factor_dtype=torch.float64, inv_dtype=torch.float64,
     )
@@ -105,7 +105,7 @@ def test_q_step_matches_a_dense_kronecker_oracle():
     lin = nn.Linear(d_in, d_out).double()
     opt = torch.optim.SGD(lin.parameters(), lr=0.1)
     kld = KLDWRM(
-        lin, opt, variant="q", config=KLDWRMConfig(rho=rho, rms_clip=None), damping=lam, kl_clip=None,
+        lin, opt, variant="q", config=KLDWRMConfig(rho=rho, rms_clip=None), damping=lam, kl_clip=None, graft=None,
         factor_update_freq=1, inv_update_freq=1, factor_dtype=torch.float64, inv_dtype=torch.float64,
     )
     layer = kld.preconditioner.layers[""]
@@ -229,8 +229,8 @@ def test_qe_writes_the_inner_displacement_and_restores_the_model(digits):
 def test_each_variant_trains_the_small_cnn(variant, digits):
     torch.manual_seed(0)
     model = SmallCNN(image_size=8)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    kld = KLDWRM(model, opt, variant=variant, factor_update_freq=5, inv_update_freq=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # the defaults' layer steps are ~lr long (graft="unit")
+    kld = KLDWRM(model, opt, variant=variant)
     xe, ye = digits.x_train[:400], digits.y_train[:400]
 
     def eval_loss():
@@ -261,7 +261,7 @@ def test_low_rank_backends(variant, method):
     """Low-rank curvature backends: Brand-eligible Linear factors (r + n < d), thin local statistics."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(60, 40), nn.ReLU(), nn.Linear(40, 5))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)  # the defaults' layer steps are ~lr long (graft="unit")
     kld = KLDWRM(model, opt, variant=variant, method=method, rank=6, factor_update_freq=1, inv_update_freq=2)
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(60, 5, generator=gen)
