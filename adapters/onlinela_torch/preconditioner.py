@@ -50,6 +50,7 @@ from .factors import (
     all_finite,
     as_rank_policy,
 )
+from .compiled import clean_name, dynamo_loaded, eager_hook, unwrap_compiled
 from .blocks import BlockContext, BlockSet, Uncovered, build_blocks
 from .inverse import _complement, apply_inverse, damped_solve, factor_scale
 from .logs import WarningCounter
@@ -407,13 +408,14 @@ class KFACPreconditioner:
         self.graft = graft
         # per layer / block tensor: (EA of the squared gradient norm, count) for graft="unit"
         self._grad_sq: dict[str, tuple[float, int]] = {}
-        self._param_names = {id(p): n for n, p in model.named_parameters()}
-        self._params = list(model.parameters())
+        base = unwrap_compiled(model)  # torch.compile(model): the same names as the eager model
+        self._param_names = {id(p): clean_name(n) for n, p in base.named_parameters()}
+        self._params = list(base.parameters())
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
         self._warn = WarningCounter(logger)
-        self.blocks, covered = self._build_blocks(model, layers, skip_layers)
-        selected = [entry for entry in _select_layers(model, layers, skip_layers, allow_empty=True) if entry[0] in covered]
+        self.blocks, covered = self._build_blocks(base, layers, skip_layers)
+        selected = [entry for entry in _select_layers(base, layers, skip_layers, allow_empty=True) if entry[0] in covered]
         if not selected and not self.blocks.blocks:
             raise ValueError(
                 "no supported layer selected in the model (see docs/layers.rst); check `layers` / `skip_layers`"
@@ -422,9 +424,8 @@ class KFACPreconditioner:
             name: KFACLayer(i, name, m, h, thin and isinstance(h, LinearHelper)) for i, (name, m, h) in enumerate(selected)
         }
         self._by_module = {layer.module: layer for layer in self.layers.values()}
-        self._handles = [layer.module.register_forward_hook(self._forward_hook) for layer in self.layers.values()]
-        self._handles.append(self._ctx.watch(model))
-        self.blocks.attach()
+        self._handles: list[Any] = []
+        self._attach_hooks()
         if type(self) is KFACPreconditioner and distributed_group_size() > 1:
             self._warn.warn(
                 "not_distributed", "a torch.distributed group of %d ranks is active, but this preconditioner does not "
@@ -704,6 +705,14 @@ class KFACPreconditioner:
                 layer.thin_g[idx] = rows
         self._add_seconds(layer, "statistics", self._timer() - t0)
 
+    def _attach_hooks(self) -> None:
+        """(Re-)register the capture hooks; under ``torch.compile`` they run eagerly (:func:`~onlinela_torch.compiled.eager_hook`)."""
+        self.remove_hooks()
+        self._handles = [layer.module.register_forward_hook(eager_hook(self._forward_hook)) for layer in self.layers.values()]
+        self._handles.append(self._ctx.watch(self.model))
+        self.blocks.attach()
+        self._hooks_for_dynamo = dynamo_loaded()
+
     def remove_hooks(self) -> None:
         """Detach the preconditioner from the model (its state stays usable)."""
         for h in self._handles:
@@ -839,6 +848,8 @@ class KFACPreconditioner:
           not a doubly preconditioned one.
         """
         k = self.steps
+        if self._handles and not self._hooks_for_dynamo and dynamo_loaded():  # torch.compile came after the constructor
+            self._attach_hooks()
         if self._already_written():
             self._warn.warn("repeated_step", "step %d: step() called again on gradients it already preconditioned; "
                             "left unchanged (call loss.backward() before each step())", k)
@@ -1317,6 +1328,7 @@ def _select_layers(
                 raise TypeError(f"`{arg}` entries must be names (str) or module types, got {s!r}")
     out = []
     for name, m in model.named_modules():
+        name = clean_name(name)
         if _matches(name, m, skip_layers):
             continue
         if layers is not None and not _matches(name, m, layers):

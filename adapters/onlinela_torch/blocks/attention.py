@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiled import eager_hook
 from .base import BlockContext, CurvatureBlock, capture_allowed, register_block
 from .kronecker import KroneckerFactors, weight_matrix
 
@@ -152,7 +153,7 @@ class MultiheadAttentionBlock(CurvatureBlock):
     def _attach(self) -> list[Any]:
         previous = self.module.__dict__.get("forward")
         self._orig = self.module.forward
-        self.module.forward = self._forward
+        self.module.forward = eager_hook(self._forward)  # under torch.compile the captured forward runs eagerly
         return [_Restore(self.module, previous)]
 
     def _linear(self, proj: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compiled import eager_hook
 from ..factors import DenseFactor, FactorState, as_rank_policy
 
 __all__ = [
@@ -219,7 +220,7 @@ class BlockContext:
         def count(module: nn.Module, args: Any) -> None:
             self.forward_count += 1
 
-        return model.register_forward_pre_hook(count)
+        return model.register_forward_pre_hook(eager_hook(count))
 
     def g_scale(self, terms: int) -> float:
         """``M`` (mean loss) or ``1/M`` (sum loss): turns ``Σ g gᵀ`` of captured gradients into the mean-loss curvature."""

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiled import clean_name
 from .base import BlockContext, CurvatureBlock, block_or_reason
 
 __all__ = ["BlockSet", "Uncovered", "build_blocks"]
@@ -141,6 +142,7 @@ def build_blocks(
     names: dict[int, str] = {}  # id(param) -> first parameter name
     reasons: dict[int, Uncovered] = {}
     for mname, module in model.named_modules():
+        mname = clean_name(mname)  # torch.compile wrappers: the eager model's names
         direct = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         for n, p in direct:
             names.setdefault(id(p), f"{mname}.{n}" if mname else n)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compiled import eager_hook
 from .base import BlockContext, CurvatureBlock, capture_allowed, register_block
 from .diagonal import TensorEA
 from .kronecker import FactorSlot
@@ -54,7 +55,7 @@ class EmbeddingBlock(CurvatureBlock):
 
     # ------------------------------------------------------------------ capture
     def _attach(self) -> list[Any]:
-        return [self.module.register_forward_hook(self._forward_hook)]
+        return [self.module.register_forward_hook(eager_hook(self._forward_hook))]
 
     def _forward_hook(self, module: nn.Embedding, inputs: tuple, output: Any) -> None:
         if not (capture_allowed(module, self.ctx) and isinstance(output, torch.Tensor) and output.requires_grad):

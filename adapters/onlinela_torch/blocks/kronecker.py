@@ -21,6 +21,7 @@ from torch import nn
 
 from ..factors import FactorEigen, FactorState
 from ..modules import Conv1dHelper, Conv2dHelper, LayerHelper, LinearHelper
+from ..compiled import eager_hook
 from .base import BlockContext, CurvatureBlock, capture_allowed, register_block
 
 __all__ = [
@@ -231,7 +232,7 @@ class KroneckerBlock(CurvatureBlock):
 
     # ------------------------------------------------------------------ capture
     def _attach(self) -> list[Any]:
-        return [self.module.register_forward_hook(self._forward_hook)]
+        return [self.module.register_forward_hook(eager_hook(self._forward_hook))]
 
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if not (capture_allowed(module, self.ctx) and isinstance(output, torch.Tensor) and output.requires_grad):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compiled import eager_hook
 from .base import BlockContext, CurvatureBlock, capture_allowed, register_block
 from .diagonal import TensorEA
 
@@ -72,7 +73,7 @@ class ScaleShiftBlock(CurvatureBlock):
 
     # ------------------------------------------------------------------ capture
     def _attach(self) -> list[Any]:
-        return [self.module.register_forward_hook(self._forward_hook)]
+        return [self.module.register_forward_hook(eager_hook(self._forward_hook))]
 
     def _normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``x̂`` as ``(N, C, P)`` and the call's loss terms ``M``."""
