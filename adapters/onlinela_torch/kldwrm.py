@@ -40,12 +40,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from onlinela import LowRankPSD, brand_update
 from onlinela import eigh as onlinela_eigh
 from onlinela import validation as V
 
+from .distributed import DistributedKFACPreconditioner
 from .factors import EIG_CLIP, BrandFactor, FactorEigen, FactorState
 from .modules import LayerHelper, g_scale
 from .preconditioner import KFACLayer, KFACPreconditioner, apply_inverse
@@ -268,6 +270,23 @@ class _WakePreconditioner(KFACPreconditioner):
         return apply_inverse(eG, eA, g, lam, self.damping_convention, self.complement)
 
 
+class _DistributedWakePreconditioner(DistributedKFACPreconditioner, _WakePreconditioner):
+    """:class:`_WakePreconditioner` over ``torch.distributed`` (``mode="replicate"``).
+
+    Method order: the distributed class synchronises statistics, broadcasts
+    decompositions and averages the gradients, *then* the wake hook sees the
+    global gradient, then the K-FAC preconditioning runs on every rank alike.
+    The rank agreement check also covers KLD-WRM's own settings (``wake``).
+    """
+
+    def __init__(self, model: nn.Module, *, wake: Mapping[str, Any], **kwargs: Any) -> None:
+        self._wake_fingerprint = dict(wake)
+        super().__init__(model, **kwargs)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {**super()._fingerprint(), "kldwrm": self._wake_fingerprint}
+
+
 # =========================================================================== KLD-WRM
 class KLDWRM:
     r"""The KLD-WRM family (SO, Q, QE) as a gradient rewriter for any torch optimizer.
@@ -311,6 +330,17 @@ class KLDWRM:
         ``T_updt`` and ``T_inv`` (default 5 and 5; the papers used 30 and 30 on
         full MNIST, which on the zoo left SO with a stale one-batch curvature).
         The wake identity is exact with statistics and decompositions at every step.
+    distributed : bool
+        Train data-parallel over ``torch.distributed`` (default False): the
+        curvature backend is a :class:`~onlinela_torch.DistributedKFACPreconditioner`
+        (``group=``, ``assignment=``, ``average_gradients=`` go to it through
+        ``preconditioner_options``; ``mode="memory"`` is not supported) and
+        KLD-WRM all-reduces its own statistics through the same group: Q's
+        local factors (one all-reduce per step) and QE's exact-KL gradients
+        (one per inner step), weighted by each rank's share of the global
+        batch.  On every rank, call it like the single-process class with the
+        rank's shard; the steps equal one process's on the global batch up to
+        summation order (tests/test_kldwrm_distributed.py).
     **preconditioner_options
         Any other :class:`KFACPreconditioner` keyword (``rank``, ``complement``,
         ``damping_convention``, ``fisher``, ``graft``, ``seed``, ...).  ``lr``,
@@ -394,6 +424,7 @@ class KLDWRM:
         kl_clip: float | None = None,
         factor_update_freq: int | Callable[[int], int] = 5,
         inv_update_freq: int | Callable[[int], int] = 5,
+        distributed: bool = False,
         **preconditioner_options: Any,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -413,14 +444,22 @@ class KLDWRM:
                 f"`fisher` must be 'empirical' for variant={variant!r} (its local curvature is the batch's "
                 f"empirical Fisher), got {fisher!r}"
             )
+        if not isinstance(distributed, bool):
+            raise TypeError(f"`distributed` must be a bool, got {type(distributed).__name__}")
+        if distributed and preconditioner_options.get("mode", "replicate") != "replicate":
+            raise ValueError(f"`mode` must be 'replicate' for a distributed KLDWRM, got {preconditioner_options['mode']!r}")
         preconditioner_options.setdefault("low_rank_grad", False)
         preconditioner_options.setdefault("graft", "unit")  # layer steps of length ~lr (docs/kldwrm.rst, Defaults)
+        if distributed:
+            cls = functools.partial(_DistributedWakePreconditioner, wake={"variant": variant, **vars(config)})
+        else:
+            cls = _WakePreconditioner
         self.model = model
         self.optimizer = optimizer
         self.variant = variant
         self.config = config
         self.rho = config.rho_for(variant)
-        self.preconditioner = _WakePreconditioner(
+        self.preconditioner = cls(
             model,
             before_precondition=self._before_precondition,
             method=method,
@@ -434,6 +473,8 @@ class KLDWRM:
             **preconditioner_options,
         )
         self.method = method
+        self.distributed = distributed
+        self._group = self.preconditioner.group if distributed else None
         layers = self.preconditioner.layers
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [name for name, layer in layers.items() if id(layer.module.weight) not in in_optimizer]
@@ -497,6 +538,8 @@ class KLDWRM:
 
     def _finish_captures(self) -> dict[str, tuple[_LocalFactor, _LocalFactor]]:
         """``(A_loc, G_loc)`` per layer from this step's rows, in the preconditioner's scaling."""
+        if self.distributed:
+            return self._reduce_captures()
         out = {}
         reduction = self.preconditioner.loss_reduction
         for name, cap in self._captures.items():
@@ -507,6 +550,62 @@ class KLDWRM:
             if A is not None and G is not None:
                 out[name] = (A, G)
         self._captures = {}
+        return out
+
+    def _reduce_captures(self) -> dict[str, tuple[_LocalFactor, _LocalFactor]]:
+        r"""Distributed: the global batch's ``(A_loc, G_loc)`` from every rank's rows, by one all-reduce.
+
+        Rank ``p`` contributes ``R_p A_p = Σ xxᵀ`` (its ``R_p`` activation rows)
+        and ``n_p G_p`` (its ``n_p`` samples), so ``A = Σ_p R_p A_p / Σ_p R_p`` and
+        ``G = Σ_p n_p G_p / Σ_p n_p`` are what one process computes on the
+        concatenated batch (for a mean loss each rank's output gradients are
+        those of its own mean, which the weights ``n_p`` undo).  Every layer
+        takes part on every rank (zeros where nothing was captured), so the
+        collective is the same everywhere; cost ``Σ (d_A² + d_G²)`` elements.
+        """
+        reduction = self.preconditioner.loss_reduction
+        dtype = self.preconditioner.factor_dtype
+        layers = self.preconditioner.layers
+        device = next(iter(layers.values())).module.weight.device
+        parts = []
+        for name, layer in layers.items():
+            cap = self._captures.get(name)
+            dA, dG = layer.helper.a_dim, layer.helper.g_dim
+            if cap is None or not cap.A.n_rows or not cap.G.n_rows:
+                parts += [torch.zeros(2, dtype=dtype, device=device), torch.zeros(dA * dA + dG * dG, dtype=dtype, device=device)]
+                continue
+            A = cap.A.finish(1.0).dense(dtype)
+            G = cap.G.finish(cap.samples * g_scale(cap.samples, reduction)).dense(dtype)
+            counts = torch.tensor([cap.A.n_rows, cap.samples], dtype=dtype, device=device)
+            parts += [counts, A.reshape(-1), G.reshape(-1)]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat, group=self._group)
+        self._captures = {}
+        out, offset = {}, 0
+        for name, layer in layers.items():
+            dA, dG = layer.helper.a_dim, layer.helper.g_dim
+            rows, samples = flat[offset : offset + 2].tolist()
+            A = flat[offset + 2 : offset + 2 + dA * dA].view(dA, dA)
+            G = flat[offset + 2 + dA * dA : offset + 2 + dA * dA + dG * dG].view(dG, dG)
+            offset += 2 + dA * dA + dG * dG
+            if rows > 0 and samples > 0:
+                out[name] = (_LocalFactor(gram=A / rows), _LocalFactor(gram=G / samples))
+        return out
+
+    def _row_share(self, rows: int) -> float:
+        """Distributed QE: this rank's fraction of the global batch's output rows (one all-reduce)."""
+        total = torch.tensor([float(rows)], dtype=torch.float64, device=self._first_weight.device)
+        dist.all_reduce(total, group=self._group)
+        return rows / float(total)
+
+    def _reduce_kl_grads(self, grads: list[torch.Tensor], share: float) -> list[torch.Tensor]:
+        """Distributed QE: ``Σ_p share_p ∇KL_p`` (``share_p`` = the rank's fraction of the batch rows), one all-reduce."""
+        flat = torch.cat([g.reshape(-1) for g in grads]) * share
+        dist.all_reduce(flat, group=self._group)
+        out, offset = [], 0
+        for g in grads:
+            out.append(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
         return out
 
     # ================================================================== step
@@ -703,6 +802,7 @@ class KLDWRM:
                 # trust region of the inner loop: no inner step longer than the Q step itself, so a stiff
                 # KL or local-curvature term cannot make the heavy-ball iteration diverge
                 radius = {n: float((x[n] - theta0[n]).norm()) for n in names}
+                share = self._row_share(refs[0].shape[0]) if self.distributed else 1.0
             for _ in range(cfg.inner_steps):
                 with torch.no_grad():
                     for n in names:
@@ -711,6 +811,10 @@ class KLDWRM:
                     logq = _log_probs(_outputs(closure), detach=False)
                     kl = sum(w * _sym_kl(logq, ref) for w, ref in zip(weights, refs))
                     kl_grads = torch.autograd.grad(0.5 * lam * kl, flat, allow_unused=True)
+                if self.distributed:
+                    kl_grads = self._reduce_kl_grads(
+                        [torch.zeros_like(p) if gr is None else gr for p, gr in zip(flat, kl_grads)], share
+                    )
                 with torch.no_grad():
                     i = 0
                     for n, ps in zip(names, layer_params):
