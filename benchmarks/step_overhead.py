@@ -12,7 +12,9 @@ time (``time.process_time``).  Two windows are timed:
   decomposition periods, so the mean *is* the amortised step cost).
 
 Each window is split into forward, backward, ``precond.step()`` and
-``optimizer.step()``; the ratio is the method's mean step time over SGD's
+``optimizer.step()``, and by the preconditioner's own timers
+(``timer=time.process_time``) into statistics (hooks and EA updates: part of
+forward/backward), decomposition and preconditioning; the ratio is the method's mean step time over SGD's
 steady-state one (the convention curvlinops uses).  Tasks: the zoo
 (``benchmarks/zoo.py``), the showcase ``mnist-autoencoder``
 (:class:`~onlinela_torch.models.MNISTAutoencoder`, width 0.25 as ``onlinela
@@ -115,11 +117,17 @@ def time_method(w: Workload, method: str, steps: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = w.model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    pre = None if method == "sgd" else KFACPreconditioner(model, method=method, optimizer=opt)
+    pre = None if method == "sgd" else KFACPreconditioner(model, method=method, optimizer=opt, timer=time.process_time)
+    marks: dict[tuple[str, str], dict[str, float]] = {}
     windows = {"warmup": range(0, WARMUP_STEPS), "steady": range(STEADY_START, STEADY_START + steps)}
     acc = {k: dict.fromkeys(PHASES, 0.0) for k in windows}
     clock = time.process_time
     for i in range(STEADY_START + steps):
+        if pre is not None:
+            for name, rng in windows.items():
+                for edge, at in (("start", rng.start), ("stop", rng.stop)):
+                    if i == at:
+                        marks[name, edge] = dict(pre.stats()["seconds"])
         t0 = clock()
         opt.zero_grad()
         loss = w.loss(model(w.x), w.y)
@@ -135,10 +143,15 @@ def time_method(w: Workload, method: str, steps: int) -> dict[str, Any]:
             if i in rng:
                 for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                     acc[name][phase] += dt
+    if pre is not None:
+        marks["steady", "stop"] = dict(pre.stats()["seconds"])
     out: dict[str, Any] = {}
     for name, rng in windows.items():
         ms = {p: 1e3 * v / len(rng) for p, v in acc[name].items()}
         out[name] = dict(ms, total=sum(ms.values()))
+        if (name, "start") in marks and (name, "stop") in marks:  # the preconditioner's own phase split (CPU ms/step)
+            a, b = marks[name, "start"], marks[name, "stop"]
+            out[name]["phases"] = {k: 1e3 * (b[k] - a[k]) / len(rng) for k in b}
     out["final_loss"] = loss.item()
     return out
 
@@ -196,6 +209,23 @@ def plot(paths: dict[str, pathlib.Path], out: pathlib.Path) -> None:
     fig.savefig(out, dpi=90)
 
 
+def rst_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
+    """An RST list-table: per task and method the steady-state (and warm-up) ratio to SGD, before -> after."""
+    methods = [m for m in next(iter(after.values())) if m != "sgd"]
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - task (SGD ms/step)"]
+    lines += [f"     - {m}" for m in methods]
+    for task, res in after.items():
+        lines.append(f"   * - {task} ({res['sgd']['steady']['total']:.2f})")
+        for m in methods:
+            a = res[m]
+            cell = f"{a['ratio_steady']:.2f} ({a['ratio_warmup']:.1f})"
+            b = (before or {}).get(task, {}).get(m)
+            if b is not None:
+                cell = f"{b['ratio_steady']:.2f} → {cell}"
+            lines.append(f"     - {cell}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default=None, help="comma-separated workloads (default: all)")
@@ -203,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100, help="steady-state steps timed (from step 100)")
     p.add_argument("--label", default="after", help="JSON name suffix, e.g. before / after")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--rst", action="store_true", help="print the docs table from the before/after JSONs and exit")
     p.add_argument("--flush-denormal", action="store_true",
                    help="torch.set_flush_denormal(True): subnormal floats slow some tasks' backward ~7x on x86")
     args = p.parse_args(argv)
@@ -211,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     labels = {lab: RESULTS / f"step_overhead_{lab}.json" for lab in ("before", "after")}
     if args.label not in labels:  # a side run (e.g. ftz_before / ftz_after): its own PNG
         labels = {lab: RESULTS / f"step_overhead_{args.label.rsplit('_', 1)[0]}_{lab}.json" for lab in ("before", "after")}
+    if args.rst:
+        got = {lab: json.loads(path.read_text())["results"] for lab, path in labels.items() if path.exists()}
+        print(rst_table(got.get("before"), got["after"]))
+        return 0
     if not args.plot_only:
         torch.set_num_threads(1)
         torch.set_flush_denormal(args.flush_denormal)

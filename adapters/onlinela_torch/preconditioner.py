@@ -39,6 +39,7 @@ from torch import nn
 from onlinela import validation as V
 
 from . import scaling
+from . import thin as thin_path
 from .factors import (
     BrandDenseFactor,
     BrandFactor,
@@ -53,6 +54,7 @@ from .factors import (
 from .compiled import clean_name, dynamo_loaded, eager_hook, unwrap_compiled
 from .blocks import BlockContext, BlockSet, Uncovered, build_blocks
 from .inverse import _complement, apply_inverse, damped_solve, factor_scale
+from .fisher import label_vectors
 from .logs import WarningCounter
 from .modules import LayerHelper, LinearHelper, g_scale, helper_for
 
@@ -763,36 +765,10 @@ class KFACPreconditioner:
         f = outputs.detach()
         if f.dtype not in (torch.float32, torch.float64):  # autocast outputs: sample in float32
             f = f.float()
-        C = f.shape[-1]
         n = f.shape[0] if f.ndim >= 2 else 1
         scale = 1.0 / n if self.loss_reduction == "mean" else 1.0
-        if self.fisher == "exact":
-            eye = torch.eye(C, device=f.device, dtype=f.dtype)
-            if likelihood == "categorical":
-                p = torch.softmax(f, -1)
-                vecs = [p[..., c : c + 1].sqrt() * (p - eye[c]) for c in range(C)]
-            elif likelihood == "bernoulli":
-                p = torch.sigmoid(f)
-                root = (p * (1.0 - p)).sqrt()
-                vecs = [root * eye[c] for c in range(C)]
-            else:
-                vecs = [eye[c].expand_as(f) for c in range(C)]
-            weight = 1.0
-        else:
-            gen = self._generator(f.device)
-            if likelihood == "categorical":
-                p = torch.softmax(f, -1)
-                flat = p.reshape(-1, C)
-                vecs = []
-                for _ in range(n_samples):
-                    y = torch.multinomial(flat, 1, generator=gen).reshape(p.shape[:-1])
-                    vecs.append(p - torch.nn.functional.one_hot(y, C).to(p.dtype))
-            elif likelihood == "bernoulli":
-                p = torch.sigmoid(f)
-                vecs = [p - torch.bernoulli(p, generator=gen) for _ in range(n_samples)]
-            else:
-                vecs = [torch.randn(f.shape, generator=gen, device=f.device, dtype=f.dtype) for _ in range(n_samples)]
-            weight = 1.0 / n_samples
+        gen = None if self.fisher == "exact" else self._generator(f.device)
+        vecs, weight = label_vectors(f, likelihood, exact=self.fisher == "exact", n_samples=n_samples, gen=gen)
         weights = [layer.module.weight for layer in self.layers.values() if layer.module.weight.requires_grad]
         weights += self.blocks.fisher_params()
         self._sampling = weight
@@ -933,17 +909,17 @@ class KFACPreconditioner:
         ]
         covered = {id(p) for layer, _ in entries for p in (layer.module.weight, layer.module.bias) if p is not None}
         others = [p for p in self._params if p.grad is not None and id(p) not in covered]
-        thin_layers = [(layer, g) for layer, g in entries if self._thin_candidate(layer)]
+        thin_layers = [(layer, g) for layer, g in entries if thin_path.candidate(layer)]
         # one fused norm over every gradient (the finiteness test and the graft / unit-scale lengths), one host read
         gnorm = scaling.norms([g for _, g in entries] + [p.grad for p in others])
-        checks = [gnorm] + [self._probe_error(layer, g, k).reshape(1) for layer, g in thin_layers]
+        checks = [gnorm] + [thin_path.probe_error(layer, g, self.seed * 1_000_003 + k).reshape(1) for layer, g in thin_layers]
         values = torch.cat([c.to(gnorm.device) for c in checks]).tolist() if entries or others else []
         n_grads = len(entries) + len(others)
         norms_host, probes = values[:n_grads], values[n_grads:]
         if not all(map(math.isfinite, norms_host)) and self._skip_nonfinite(k):
             self._seconds["preconditioning"] += self._timer() - t0
             return False
-        thin_ok = {layer.name: err <= _probe_tol(layer) for (layer, _), err in zip(thin_layers, probes)}
+        thin_ok = {layer.name: err <= thin_path.probe_tol(layer) for (layer, _), err in zip(thin_layers, probes)}
         vs: list[torch.Tensor] = []
         for layer, g in entries:
             t1 = self._timer()
@@ -958,41 +934,20 @@ class KFACPreconditioner:
         block_out = list(self.blocks.precondition(lam).items())  # (parameter, preconditioned gradient)
         vs += [v for _, v in block_out]
         gs = [g for _, g in entries] + [p.grad for p, _ in block_out]
-        ng, ng_host = self._block_norms(gnorm, norms_host, len(entries), others, block_out)
+        ng, ng_host = scaling.gather_norms(gnorm, norms_host, len(entries), others, [p for p, _ in block_out])
         rms = None
         if self.graft == "unit" and vs:
             keys = [layer.name for layer, _ in entries] + [self._param_names.get(id(p), str(id(p))) for p, _ in block_out]
-            rms = self._unit_rms(keys, ng_host)
+            rms = scaling.unit_rms(self._grad_sq, keys, ng_host, _UNIT_DECAY)
         scales = scaling.direction_scales(vs, ng, rms, graft=self.graft, rms_clip=self.rms_clip) if vs else None
         if self.kl_clip is not None and vs:
             scales = scaling.kl_scales(scales, vs, gs, self.effective_lr(k), self.kl_clip)
-        self._write(entries, block_out, vs, scales)
-        self._seconds["preconditioning"] += self._timer() - t0
-        return True
-
-    @staticmethod
-    def _write(
-        entries: list[tuple[KFACLayer, torch.Tensor]], block_out: list[tuple[nn.Parameter, torch.Tensor]],
-        vs: list[torch.Tensor], scales: torch.Tensor | None,
-    ) -> None:
-        """``p.grad ← c · v`` for every layer and block tensor: two fused calls (copy, scale) for all of them."""
-        per = [None] * len(vs) if scales is None else scales.unbind(0)
-        dsts: list[torch.Tensor] = []
-        srcs: list[torch.Tensor] = []
-        cs: list[torch.Tensor | None] = []
-        for (layer, _), v, c in zip(entries, vs, per):
-            for dst, src in layer.helper.grad_pairs(v):
-                dsts.append(dst)
-                srcs.append(src)
-                cs.append(c)
-        for (p, _), v, c in zip(block_out, vs[len(entries) :], per[len(entries) :]):
-            dsts.append(p.grad)
-            srcs.append(v.reshape(p.grad.shape))
-            cs.append(c)
-        scaling.write_all(dsts, srcs, None if scales is None else cs)
+        scaling.write_directions([layer.helper for layer, _ in entries], [p for p, _ in block_out], vs, scales)
         for layer, _ in entries:
             w = layer.module.weight.grad
             layer.written = (id(w), w._version)
+        self._seconds["preconditioning"] += self._timer() - t0
+        return True
 
     def _skip_nonfinite(self, k: int) -> bool:
         """A gradient norm was not finite: skip the step (grads set to None) if an element truly is; False on overflow."""
@@ -1006,37 +961,6 @@ class KFACPreconditioner:
             p.grad = None
         self.blocks.discard()
         return True
-
-    @staticmethod
-    def _block_norms(
-        gnorm: torch.Tensor, host: list[float], n_layers: int, others: list[nn.Parameter],
-        block_out: list[tuple[nn.Parameter, torch.Tensor]],
-    ) -> tuple[torch.Tensor, list[float]]:
-        """Gradient norms of the layers then of the block outputs, on the device and on the host (from ``gnorm``)."""
-        if not block_out:
-            return gnorm[:n_layers], host[:n_layers]
-        pos = {id(p): n_layers + i for i, p in enumerate(others)}
-        idx = [pos.get(id(p), -1) for p, _ in block_out]
-        if min(idx) < 0:  # a block parameter shared with a Kronecker layer: its own norm
-            extra = scaling.norms([p.grad for p, _ in block_out]).to(gnorm.device)
-            return torch.cat([gnorm[:n_layers], extra]), host[:n_layers] + extra.tolist()
-        sel = torch.tensor(list(range(n_layers)) + idx, device=gnorm.device)
-        return gnorm.index_select(0, sel), [host[i] for i in sel.tolist()]
-
-    def _unit_rms(self, keys: list[str], norms: list[float]) -> list[float]:
-        """Update the running mean of each key's squared gradient norm; its debiased root (``graft="unit"``).
-
-        After grafting ``‖v_l‖ = ‖g_l‖``, so dividing by this RMS makes each
-        layer's step ``≈ lr`` long whatever the scale of the loss, layer by layer.
-        """
-        beta = _UNIT_DECAY
-        out = []
-        for key, n in zip(keys, norms):
-            ea, count = self._grad_sq.get(key, (0.0, 0))
-            ea, count = beta * ea + (1 - beta) * n * n, count + 1
-            self._grad_sq[key] = (ea, count)
-            out.append(math.sqrt(ea / (1 - beta**count)))
-        return out
 
     def _already_written(self) -> bool:
         """Whether every layer's weight gradient is still the tensor, unmodified, that the last step wrote."""
@@ -1061,37 +985,8 @@ class KFACPreconditioner:
         if eA is None or eG is None or eA.max_eig <= 0 or eG.max_eig <= 0:
             return g
         if thin:
-            return self._apply_thin(layer, eG, eA, lam).to(g.dtype)
+            return thin_path.apply(layer, eG, eA, lam, self.inv_dtype, self.damping_scale, self.complement).to(g.dtype)
         return apply_inverse(eG, eA, g, lam, self.damping_convention, self.complement, self.damping_scale, reuse=self._reuse)
-
-    def _thin_candidate(self, layer: KFACLayer) -> bool:
-        """Captured rows pair up and the thin path is cheaper than the dense one."""
-        if not layer.low_rank_grad or not layer.thin_a or len(layer.thin_g) != len(layer.thin_a):
-            return False
-        eA, eG = _eigen(layer.A), _eigen(layer.G)
-        if eA is None or eG is None:
-            return False
-        n = sum(r.shape[0] for r in layer.thin_a)
-        a, gd = layer.helper.a_dim, layer.helper.g_dim
-        rA, rG = eA.approx.rank, eG.approx.rank
-        return 2 * a * gd * n + 4 * n * (gd * rG + a * rA) < 4 * a * gd * (rA + rG)
-
-    def _probe_error(self, layer: KFACLayer, g: torch.Tensor, k: int) -> torch.Tensor:
-        """Relative mismatch ``‖g z - Σ Goᵀ(Ā z)‖ / ‖g z‖`` for a random probe ``z``.  Cost ``O(d_in d_out)``."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-        z = torch.randn(g.shape[1], generator=gen).to(device=g.device, dtype=torch.float32)
-        ref = g.float() @ z
-        thin = sum(layer.thin_g[i].float().T @ (a.float() @ z) for i, a in enumerate(layer.thin_a))
-        return (ref - thin).norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny)
-
-    def _apply_thin(self, layer: KFACLayer, eG: FactorEigen, eA: FactorEigen, lam: float) -> torch.Tensor:
-        """``[(G+μ_G)⁻¹ Goᵀ] [(A+μ_A)⁻¹ Āᵀ]ᵀ``: solves ``O((d_in+d_out) r n)``, product ``O(d_in d_out n)``."""
-        Ab = torch.cat(layer.thin_a, 0).to(self.inv_dtype)
-        Go = torch.cat([layer.thin_g[i] for i in range(len(layer.thin_a))], 0).to(self.inv_dtype)
-        mu = math.sqrt(lam)
-        L = damped_solve(eG, Go.T, mu * factor_scale(eG, self.damping_scale, self.complement), self.complement)
-        R = damped_solve(eA, Ab.T, mu * factor_scale(eA, self.damping_scale, self.complement), self.complement)
-        return L @ R.T
 
     def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: float | None = None) -> dict[str, torch.Tensor]:
         """Apply the current inverse curvature to arbitrary gradient matrices (no clipping, no state change).
@@ -1256,12 +1151,6 @@ def _factor_shapes(sd: Mapping[str, Any] | None) -> list[tuple[str, tuple[int, .
 
 def _eigen(f: FactorState | None) -> FactorEigen | None:
     return None if f is None else f.eigen
-
-
-def _probe_tol(layer: KFACLayer) -> float:
-    """Probe tolerance: float32 round-off, looser for rows captured in a 16-bit dtype."""
-    eps = max(torch.finfo(r.dtype).eps for r in layer.thin_a)
-    return max(1e-4, 4 * eps)
 
 
 def _int_schedule(value: IntSchedule, name: str) -> Callable[[int], int]:

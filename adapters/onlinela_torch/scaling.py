@@ -9,6 +9,7 @@ Pure functions of tensors; no state.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -100,3 +101,57 @@ def write_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor], scales: list[t
     torch._foreach_copy_(dsts, srcs)
     if scales is not None:
         torch._foreach_mul_(dsts, [c if c.dtype == d.dtype else c.to(d.dtype) for c, d in zip(scales, dsts)])
+
+
+def gather_norms(
+    gnorm: torch.Tensor, host: list[float], n_layers: int, others: list[torch.Tensor], block_params: list[torch.Tensor]
+) -> tuple[torch.Tensor, list[float]]:
+    """Gradient norms of the layers, then of the block parameters, on the device and on the host.
+
+    ``gnorm`` / ``host`` hold the norms of the ``n_layers`` layer matrices
+    followed by those of ``others`` (the parameters outside the layers); a
+    block parameter shared with a layer gets its own norm.
+    """
+    if not block_params:
+        return gnorm[:n_layers], host[:n_layers]
+    pos = {id(p): n_layers + i for i, p in enumerate(others)}
+    idx = [pos.get(id(p), -1) for p in block_params]
+    if min(idx) < 0:
+        extra = norms([p.grad for p in block_params]).to(gnorm.device)
+        return torch.cat([gnorm[:n_layers], extra]), host[:n_layers] + extra.tolist()
+    sel = list(range(n_layers)) + idx
+    return gnorm.index_select(0, torch.tensor(sel, device=gnorm.device)), [host[i] for i in sel]
+
+
+def unit_rms(store: dict[str, tuple[float, int]], keys: list[str], grad_norms: list[float], decay: float) -> list[float]:
+    """Update each key's running mean of its squared gradient norm in ``store``; return its debiased root.
+
+    After grafting ``‖v_l‖ = ‖g_l‖``, so dividing by this RMS makes each
+    layer's step ``≈ lr`` long whatever the scale of the loss, layer by layer
+    (``graft="unit"``).  Host floats: ``store`` is part of the checkpoint.
+    """
+    out = []
+    for key, n in zip(keys, grad_norms):
+        ea, count = store.get(key, (0.0, 0))
+        ea, count = decay * ea + (1 - decay) * n * n, count + 1
+        store[key] = (ea, count)
+        out.append(math.sqrt(ea / (1 - decay**count)))
+    return out
+
+
+def write_directions(helpers: list, block_params: list[torch.Tensor], vs: list[torch.Tensor], scales: torch.Tensor | None) -> None:
+    """``p.grad ← c · v``: the layers' ``[dW | db]`` through their helpers, then the block parameters (two fused calls)."""
+    per = [None] * len(vs) if scales is None else scales.unbind(0)
+    dsts: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    cs: list[torch.Tensor | None] = []
+    for helper, v, c in zip(helpers, vs, per):
+        for dst, src in helper.grad_pairs(v):
+            dsts.append(dst)
+            srcs.append(src)
+            cs.append(c)
+    for p, v, c in zip(block_params, vs[len(helpers) :], per[len(helpers) :]):
+        dsts.append(p.grad)
+        srcs.append(v.reshape(p.grad.shape))
+        cs.append(c)
+    write_all(dsts, srcs, None if scales is None else cs)
