@@ -226,6 +226,19 @@ def rst_table(before: dict[str, Any] | None, after: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def phase_table(after: dict[str, Any], methods: tuple[str, ...] = ("kfac", "rs-kfac", "b-kfac")) -> str:
+    """An RST list-table of the steady-state phase split (ms/step): statistics, decomposition, preconditioning."""
+    lines = [".. list-table::", "   :header-rows: 1", "", "   * - task", "     - SGD step"]
+    lines += [f"     - {m}: stat / dec / prec" for m in methods]
+    for task, res in after.items():
+        lines += [f"   * - {task}", f"     - {res['sgd']['steady']['total']:.2f}"]
+        for m in methods:
+            ph = res.get(m, {}).get("steady", {}).get("phases")
+            cell = "" if ph is None else f"{ph['statistics']:.2f} / {ph['decomposition']:.2f} / {ph['preconditioning']:.2f}"
+            lines.append(f"     - {cell}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", default=None, help="comma-separated workloads (default: all)")
@@ -245,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rst:
         got = {lab: json.loads(path.read_text())["results"] for lab, path in labels.items() if path.exists()}
         print(rst_table(got.get("before"), got["after"]))
+        if any("phases" in r["steady"] for res in got["after"].values() for r in res.values()):
+            print()
+            print(phase_table(got["after"]))
         return 0
     if not args.plot_only:
         torch.set_num_threads(1)
