@@ -9,7 +9,10 @@ last partial batch of an epoch is dropped: 7 steps per epoch), plain SGD
 * K-FAC and the SGD reference run the paper's setting: lr 0.01, damping 0.01,
   KL clip 0.1, ρ = 0.95; the paper's T_updt = T_inv = 30 on full MNIST (117
   steps per epoch, ~4 statistics updates per epoch) becomes T_updt = T_inv = 2
-  here (7 steps per epoch, the same number of updates per epoch).
+  here (7 steps per epoch, the same number of updates per epoch); K-FAC
+  takes the natural-gradient step (``graft=None``, as in the paper).
+* ``kfac-defaults``: ``KFACPreconditioner(model, method="kfac", optimizer=opt)``
+  with the library's defaults, at ``--kld-lr`` like the KLD-WRM variants.
 * The KLD-WRM variants run, by default (``--kld-settings defaults``), the
   library's defaults (``KLDWRM(model, opt, variant=v)``, docs/kldwrm.rst) at
   ``--kld-lr`` (0.3: the lr the task zoo's ``mnist-smallcnn`` task picks for
@@ -26,6 +29,7 @@ Runs are spread over ``--workers`` processes.
 Usage::
 
     .venv/bin/python benchmarks/kldwrm_mnist.py --epochs 50 --seeds 0 1 2 3 4 --workers 1 --tag e50
+    .venv/bin/python benchmarks/kldwrm_mnist.py --merge A.json B.json --tag e50   # runs of B replace A's
     .venv/bin/python benchmarks/kldwrm_mnist.py              # 15 epochs, seeds 0 1 2
     .venv/bin/python benchmarks/kldwrm_mnist.py --quick      # 2 epochs, seed 0
     # QE's kl_weight ablation and the exact-KL / K-FAC-KL diagnostic (docs/kldwrm.rst):
@@ -58,17 +62,20 @@ from onlinela_torch.models import SmallCNN
 
 logger = logging.getLogger("benchmarks.kldwrm_mnist")
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-OPTIMIZERS = ("sgd", "kfac", "kld-wrm-so", "kld-wrm-q", "kld-wrm-qe")
+OPTIMIZERS = ("sgd", "kfac", "kfac-defaults", "kld-wrm-so", "kld-wrm-q", "kld-wrm-qe")
 
 
 def _curvature(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, args: argparse.Namespace) -> Any:
     common = dict(damping=args.damping, kl_clip=args.kl_clip, factor_update_freq=args.t_updt, inv_update_freq=args.t_inv)
     if name == "sgd":
         return None
-    if name == "kfac":
+    if name == "kfac":  # the paper's natural-gradient step: no graft, KL clip
         return KFACPreconditioner(
-            model, method="kfac", lr=lambda step: opt.param_groups[0]["lr"], factor_decay=args.kfac_decay, **common
+            model, method="kfac", lr=lambda step: opt.param_groups[0]["lr"], factor_decay=args.kfac_decay, graft=None,
+            **common,
         )
+    if name == "kfac-defaults":  # the library's defaults, at the KLD-WRM variants' lr
+        return KFACPreconditioner(model, method="kfac", optimizer=opt)
     variant = name.rsplit("-", 1)[1]
     if args.kld_settings == "defaults":
         return KLDWRM(model, opt, variant=variant)
@@ -80,8 +87,9 @@ def _curvature(name: str, model: torch.nn.Module, opt: torch.optim.Optimizer, ar
 
 
 def _lr(name: str, args: argparse.Namespace) -> float:
-    """The optimizer's lr: ``--kld-lr`` for the KLD-WRM variants with the library defaults, ``--lr`` otherwise."""
-    return args.kld_lr if name.startswith("kld-wrm") and args.kld_settings == "defaults" else args.lr
+    """The optimizer's lr: ``--kld-lr`` for the runs with the library defaults, ``--lr`` for the paper's setting."""
+    defaults = name == "kfac-defaults" or (name.startswith("kld-wrm") and args.kld_settings == "defaults")
+    return args.kld_lr if defaults else args.lr
 
 
 @torch.no_grad()
@@ -237,7 +245,7 @@ def _plot(runs: list[dict[str, Any]], optimizers: tuple[str, ...], path: pathlib
 def _title(args: argparse.Namespace, seeds: list[int]) -> str:
     kld_lr = args.kld_lr if args.kld_settings == "defaults" else args.lr
     return (
-        f"MNIST subset, small CNN, batch {args.batch}, {args.epochs} epochs; KLD-WRM {args.kld_settings} "
+        f"MNIST subset, small CNN, batch {args.batch}, {args.epochs} epochs\nKLD-WRM {args.kld_settings} "
         f"(lr {kld_lr}), K-FAC paper (lr {args.lr}); seeds {seeds} (mean ± std)"
     )
 
@@ -259,6 +267,42 @@ def _result(
     }
     if path is not None:
         path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def merge(args: argparse.Namespace) -> dict[str, Any]:
+    """``--merge``: one result from several JSONs of this benchmark (runs of one optimizer and seed replaced)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sources = [json.loads(path.read_text()) for path in args.merge]
+    runs: dict[tuple[str, int], dict[str, Any]] = {}
+    for src in sources:
+        for r in src["runs"]:
+            runs[(r["optimizer"], r["seed"])] = r
+    optimizers = tuple(name for name in OPTIMIZERS if any(k[0] == name for k in runs))
+    seeds = sorted({k[1] for k in runs})
+    # only the seeds every optimizer finished
+    complete = [s for s in seeds if all((name, s) in runs for name in optimizers)]
+    kept = [runs[(name, s)] for s in complete for name in optimizers]
+    result = {
+        "benchmark": "kldwrm_mnist",
+        "merged_from": [str(p) for p in args.merge],
+        "configs": [src["config"] for src in sources],
+        "platform": sources[-1]["platform"],
+        "seeds": complete,
+        "summary": summarise(kept, optimizers),
+        "runs": kept,
+    }
+    stem = "kldwrm_mnist" + (f"_{args.tag}" if args.tag else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    cfg = sources[0]["config"]
+    args.epochs, args.batch, args.kld_settings, args.kld_lr, args.lr = (
+        cfg["epochs"], cfg["batch"], cfg["kld_settings"], cfg["kld_lr"], cfg["lr"]
+    )
+    _plot(kept, optimizers, args.out / f"{stem}.png", _title(args, complete))
+    for name, s in result["summary"].items():
+        logger.info("%-14s lr %-6g %6.2f ± %-5.2f (%s)  CPU s/epoch %.2f", name, s["lr"], s["test_acc_mean"],
+                    s["test_acc_std"], ", ".join(f"{a:.1f}" for a in s["test_acc_per_seed"]), s["cpu_seconds_per_epoch"])
     return result
 
 
@@ -288,7 +332,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="run the exact-KL / K-FAC-KL diagnostic of kfac and kld-wrm-q for this many steps (0: skip)",
     )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--merge", nargs="+", type=pathlib.Path, default=None,
+                        help="merge the runs of these JSONs (a later file's (optimizer, seed) replaces an earlier "
+                             "one's) into the --tag output, table and PNG; runs nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args)
     if args.quick:
         args.epochs, args.seeds = 2, [0]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
