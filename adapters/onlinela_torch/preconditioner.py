@@ -283,9 +283,13 @@ class KFACPreconditioner:
         The optimizer this preconditioner feeds: the KL clip reads its current
         ``lr`` and ``momentum`` (so LR schedulers act on both).
     warmup : bool
-        During the first ``T_inv`` steps, statistics on every step and
-        decompositions after 1, 4, 16, ... batches (default True), so that no
-        decomposition of a barely filled factor is kept for a whole period.
+        Statistics on each of the first 4 steps, and decompositions after 4,
+        16, 64, ... steps within the first ``T_inv`` instead of one at step 0
+        (default True): no decomposition of a one-batch factor is kept for a
+        whole period, and the warm-up costs the statistics of 4 steps (on the
+        zoo's short runs a longer warm-up, statistics on every step of the
+        first ``T_inv``, cost more than it gained; docs/tuning.rst).  Until the
+        first decomposition the layers take the plain (grafted) gradient.
     damping_scale : {"max", "mean"}
         The factor scale ``s_X`` the relative damping multiplies: the largest
         eigenvalue (default) or the mean eigenvalue ``tr(X)/d`` (trace norm, as
@@ -580,15 +584,17 @@ class KFACPreconditioner:
             return self._plan_cache[1]
         brand_method = self.method in _BRAND
         t_inv = self._t_inv(k)
-        # warm-up (first T_inv steps): statistics every step, decompositions after 1, 4, 16, ... batches,
-        # so no decomposition of a barely filled factor is kept for a whole T_inv period
+        # warm-up: statistics on the first _WARMUP_STATS steps, decompositions after 4, 16, 64, ... steps
+        # within the first T_inv (none at step 0: the plain gradient until then), so no decomposition of a
+        # barely filled factor is kept for a whole T_inv period and the warm-up costs a few steps' statistics
         warm = self.warmup and k < t_inv
-        ea = k % self._t_updt(k) == 0 or warm
-        brand = brand_method and (k % self._t_brand(k) == 0 or warm)
+        ea = k % self._t_updt(k) == 0 or (warm and k < _WARMUP_STATS)
+        brand = brand_method and (k % self._t_brand(k) == 0 or (warm and k < _WARMUP_STATS))
+        periodic = k % t_inv == 0 and not (warm and k == 0 and t_inv > _WARMUP_STATS)
         plan = _Plan(
             ea=ea,
             brand=brand,
-            decompose=k % t_inv == 0 or (warm and _is_power_of_4(k + 1)),
+            decompose=periodic or (warm and k > 0 and _is_power_of_4(k + 1)),
             overwrite=self.method in ("br-kfac", "b-kfac-c") and k % (self._overwrite(k) * self._t_inv(k)) == 0,
             correct=self.method == "b-kfac-c" and brand and (self._brand_updates + 1) % self._correction(k) == 0,
         )
@@ -1132,6 +1138,8 @@ class KFACPreconditioner:
 
 
 # ====================================================================== pure functions
+#: steps of the warm-up that capture statistics whatever ``factor_update_freq`` says
+_WARMUP_STATS = 4
 #: decay of the running mean of the squared gradient norm of ``graft="unit"``
 _UNIT_DECAY = 0.99
 
