@@ -20,7 +20,7 @@ from .inverse import damped_solve, factor_scale
 
 if TYPE_CHECKING:
     from .factors import FactorEigen
-    from .preconditioner import KFACLayer
+    from .layer import KFACLayer
 
 __all__: list[str] = []
 
