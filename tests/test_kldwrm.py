@@ -415,3 +415,33 @@ def test_qe_inner_loop_stays_finite_at_large_learning_rates(lr, digits):
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     st = kld.stats()
     assert st["inner_fallbacks"] == 0 and st["skipped_steps"] == 0
+
+
+def test_kldwrm_on_a_compiled_model_trains_as_eager_without_recompile_limit(caplog):
+    """KLDWRM built on ``torch.compile(model)`` (backend "eager": graph capture, no C compiler) gives the eager
+    parameters up to float32 round-off of reordered kernels, with no recompile-limit warning from its hooks."""
+    import logging
+
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        layers: list[nn.Module] = []
+        for _ in range(10):  # more layers than Dynamo's recompile limit (8)
+            layers += [nn.Linear(6, 6), nn.Tanh()]
+        model = nn.Sequential(*layers, nn.Linear(6, 3))
+        run = torch.compile(model, backend="eager") if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        kld = KLDWRM(run, opt, variant="q", factor_update_freq=2, inv_update_freq=4)
+        g = torch.Generator().manual_seed(1)
+        with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+            for _ in range(12):
+                x = torch.randn(16, 6, generator=g)
+                opt.zero_grad()
+                run(x).square().mean().backward()
+                kld.step()
+                opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert "recompile_limit" not in caplog.text and "cache_size_limit" not in caplog.text
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

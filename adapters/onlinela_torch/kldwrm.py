@@ -50,6 +50,7 @@ from onlinela import validation as V
 from .distributed import DistributedKFACPreconditioner
 from .factors import EIG_CLIP, BrandFactor, FactorEigen, FactorState
 from .modules import LayerHelper, g_scale
+from .compiled import eager_hook
 from .preconditioner import KFACLayer, KFACPreconditioner, apply_inverse
 
 __all__ = ["KLDWRM", "KLDWRMConfig"]
@@ -492,7 +493,9 @@ class KLDWRM:
         self._captures: dict[str, _Capture] = {}
         self._handles: list[Any] = []
         if variant != "so":
-            self._handles = [layer.module.register_forward_hook(self._forward_hook) for layer in layers.values()]
+            # eager under torch.compile (a graph break, no per-step recompilation): compile before building KLDWRM
+            hook = eager_hook(self._forward_hook)
+            self._handles = [layer.module.register_forward_hook(hook) for layer in layers.values()]
             self._by_module = {layer.module: layer for layer in layers.values()}
         # per-step scratch
         self._lrs: dict[str, float] = {}
