@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onlinela_torch import KFACPreconditioner
+from onlinela_torch import BrandConfig, KFACPreconditioner
 from onlinela_torch.preconditioner import METHODS
 
 
@@ -45,7 +45,10 @@ def _train(method, task):
     X, Y, loss_fn, out = task
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, out))
-    pre = None if method == "sgd" else KFACPreconditioner(model, method=method, lr=LR, **OPTS)
+    # Brand methods: the r + s < d rule (BrandConfig(cost=None)) so that these small factors run the Brand path
+    # the test is about; the cost model would keep them by the randomized fallback (tests/test_brand_cost.py)
+    extra = dict(brand=BrandConfig(cost=None)) if method in ("b-kfac", "br-kfac", "b-kfac-c") else {}
+    pre = None if method == "sgd" else KFACPreconditioner(model, method=method, lr=LR, **OPTS, **extra)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     g = torch.Generator().manual_seed(3)
     for _ in range(STEPS):

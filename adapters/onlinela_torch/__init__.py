@@ -1,5 +1,6 @@
 """onlinela_torch: PyTorch adapters for the K-FAC family built on :mod:`onlinela`."""
 
+from .brand_cost import BrandCostModel
 from .blocks import BlockContext, CurvatureBlock, register_block
 from .distributed import AssignmentPolicy, DistributedKFACPreconditioner, GreedyAssignment, distribute
 from .factors import AdaptiveRank, ErrorTargetRank, FactorEigen, FactorState, RankPolicy
@@ -17,6 +18,7 @@ __all__: list[str] = [
     "BKFACC",
     "BRKFAC",
     "BrandConfig",
+    "BrandCostModel",
     "CurvatureBlock",
     "DistributedKFACPreconditioner",
     "ErrorTargetRank",

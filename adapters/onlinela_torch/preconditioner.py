@@ -27,6 +27,7 @@ import math
 import time
 import warnings
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -40,6 +41,7 @@ from onlinela import validation as V
 
 from . import scaling
 from . import thin as thin_path
+from .brand_cost import BrandCostModel
 from .factors import (
     BrandDenseFactor,
     BrandFactor,
@@ -91,8 +93,14 @@ class BrandConfig:
     correction_fraction : float
         ``φ`` in (0, 1]: fraction of ``U``'s columns refreshed (default 0.2).
     fallback : {"svd", "subspace", "nystrom"}
-        Randomized method of the overwrite and of factors where ``r + s >= d``
-        (no Brand update pays off; conv factors in practice).  Default RS-KFAC's ``"svd"``.
+        Randomized method of the overwrite and of the factors a Brand update
+        does not pay off on.  Default RS-KFAC's ``"svd"``.
+    cost : BrandCostModel or None
+        Decides, per factor, whether Brand updates are cheaper per step than
+        the dense EA + randomized fallback (:class:`~onlinela_torch.BrandCostModel`,
+        fitted by ``benchmarks/brand_cost.py``); ``None``: Brand wherever
+        ``r + s < d`` (the papers' rule, which also picks Brand at ``d ≈ 1000``,
+        ``s = 256``, where it costs more).  The choice is in ``stats()["brand"]``.
     """
 
     update_freq: IntSchedule | None = None
@@ -100,8 +108,11 @@ class BrandConfig:
     correction_period: IntSchedule = 2
     correction_fraction: float = 0.2
     fallback: Literal["svd", "subspace", "nystrom"] = "svd"
+    cost: BrandCostModel | None = BrandCostModel()
 
     def __post_init__(self) -> None:
+        if self.cost is not None and not isinstance(self.cost, BrandCostModel):
+            raise TypeError(f"`brand.cost` must be a BrandCostModel or None, got {type(self.cost).__name__}")
         if self.update_freq is not None:
             _int_schedule(self.update_freq, "brand.update_freq")
         _int_schedule(self.overwrite_period, "brand.overwrite_period")
@@ -355,6 +366,8 @@ class KFACPreconditioner:
 
         thin = bool(low_rank_grad) and damping_convention == "factor"
         self._warn = WarningCounter(logger)
+        # Brand methods: factors kept by Brand updates / by the fallback because r + s >= d / because of the cost
+        self._brand_choice: Counter[str] = Counter()
         self.blocks, covered = self._build_blocks(base, layers, skip_layers)
         selected = [entry for entry in _select_layers(base, layers, skip_layers, allow_empty=True) if entry[0] in covered]
         if not selected and not self.blocks.blocks:
@@ -596,9 +609,24 @@ class KFACPreconditioner:
             return "dense"
         if self.method in _RANDOMIZED:
             return "randomized"
-        if self.rank_policy.initial + s >= dim:  # a Brand update would not pay off
-            return "randomized"
-        return "brand" if self.method == "b-kfac" else "brand+dense"
+        keeps_dense = self.method != "b-kfac"
+        r = self.rank_policy.initial
+        cost = self.brand.cost
+        if r + s >= dim:  # a Brand update would not reduce the dimension
+            reason = "rank"
+        elif cost is not None and not cost.pays(
+            dim, r, s, t_brand=self._t_brand(0), t_updt=self._t_updt(0), t_inv=self._t_inv(0),
+            oversample=self.oversample, n_iter=self.n_iter, keeps_dense=keeps_dense,
+        ):
+            reason = "cost"
+        else:
+            self._brand_choice["brand"] += 1
+            return "brand+dense" if keeps_dense else "brand"
+        self._brand_choice[f"randomized_{reason}"] += 1
+        logger.info("factor of d=%d (rank %d, %d rows per update): a Brand update %s; kept by randomized %s",
+                    dim, r, s, "would not reduce the dimension" if reason == "rank" else
+                    "costs more per step than the EA + randomized fallback (BrandConfig.cost)", self.brand.fallback)
+        return "randomized"
 
     # ================================================================== hooks
     def _forward_hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -1069,6 +1097,7 @@ class KFACPreconditioner:
             "blocks": self.blocks.stats()["blocks"],
             "uncovered": [vars(u) for u in self.blocks.uncovered],
             "shared": [list(t) for t in self.blocks.shared],
+            "brand": dict(self._brand_choice),
         }
 
 
