@@ -38,6 +38,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import models
+from .compiled import eager_hook
+from .modules import helper_for
 from .data import Dataset, TextCorpus, load_dataset, load_pydoc_text
 
 logger = logging.getLogger(__name__)
@@ -1300,25 +1302,33 @@ def load_checkpoint(
 
 # ------------------------------------------------------------------ spectrum
 class EAFactorRecorder:
-    """Dense exponential averages of one Linear layer's K-factors, from hooks.
+    """Dense exponential averages of one layer's K-factors, from the preconditioner's capture rows.
 
-    Independent of any preconditioner: a forward hook sees the layer input
-    ``a`` (n × d_in), a backward hook the gradient of the batch-mean loss with
-    respect to the layer output (n × d_out, i.e. per-sample gradients divided
-    by n).  Every training step adds the increments (§1 of the design notes)
+    Independent of any preconditioner, but on its capture path: the rows come
+    from the layer's :class:`~onlinela_torch.modules.LayerHelper`
+    (``a_rows``: the input ``[a, 1]``, unfolded patches for a Conv2d;
+    ``g_rows``: the gradient of the loss with respect to the layer output),
+    captured by a forward hook and a hook on the output tensor that run
+    eagerly under ``torch.compile`` (:func:`~onlinela_torch.compiled.eager_hook`).
+    Every training step adds the increments (§1 of the design notes), for a
+    batch of ``n`` samples giving ``m`` rows (``m = n`` for a Linear layer on
+    vectors, ``n·T`` on sequences, ``n·H·W`` for a Conv2d),
 
-    ``C_A = āᵀ ā / n`` with ``ā = [a, 1]`` and ``C_G = n · goᵀ go``,
+    ``C_A = āᵀ ā / m`` and ``C_G = n · goᵀ go`` (per-sample gradients of the
+    batch-mean loss are ``n · go``),
 
     as ``M ← ρ M + (1-ρ) C`` starting from ``M = 0`` (float64), and records
     per increment its norm ``‖C‖₂`` (from the thin factor:
     ``‖s XᵀX‖₂ = s σ_max(X)²``), trace ``s ‖X‖_F²`` and rank bound
-    ``min(n, d)`` — the inputs of :func:`onlinela.ea_eigenvalue_bound` and
-    :func:`onlinela.ea_stream_eigenvalue_bound`.
+    ``min(m, d)`` — the inputs of :func:`onlinela.ea_eigenvalue_bound` and
+    :func:`onlinela.ea_stream_eigenvalue_bound`.  Cost per step
+    ``O(m d²)`` for each factor of dimension ``d``.
 
     Parameters
     ----------
-    layer : torch.nn.Linear
-        The layer whose factors are recorded.
+    layer : torch.nn.Linear or torch.nn.Conv2d
+        The layer whose factors are recorded (any layer
+        :func:`~onlinela_torch.modules.helper_for` supports).
     decay : float, default 0.95
         EA decay ρ.
 
@@ -1330,18 +1340,19 @@ class EAFactorRecorder:
         ``"A"`` and ``"G"``: dicts of lists ``norms``, ``traces``, ``ranks``, oldest first.
     """
 
-    def __init__(self, layer: nn.Linear, decay: float = 0.95) -> None:
+    def __init__(self, layer: nn.Module, decay: float = 0.95) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"`decay` must satisfy 0 < decay < 1, got {decay}")
+        helper, why = helper_for(layer)
+        if helper is None:
+            raise TypeError(f"`layer`: {why}")
         self.decay = decay
+        self.helper = helper
         self.factors: dict[str, torch.Tensor | None] = {"A": None, "G": None}
         self.increments: dict[str, dict[str, list[float]]] = {
             key: {"norms": [], "traces": [], "ranks": []} for key in ("A", "G")
         }
-        self._handles = [
-            layer.register_forward_hook(self._forward),
-            layer.register_full_backward_hook(self._backward),
-        ]
+        self._handles = [layer.register_forward_hook(eager_hook(self._forward))]
 
     def _update(self, key: str, rows: torch.Tensor, scale: float) -> None:
         rows = rows.detach().double()
@@ -1353,16 +1364,15 @@ class EAFactorRecorder:
         log["traces"].append(scale * float(rows.square().sum()))
         log["ranks"].append(min(rows.shape))
 
-    def _forward(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        if not module.training:
+    def _forward(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        if not (module.training and torch.is_grad_enabled() and isinstance(output, torch.Tensor)
+                and output.requires_grad):
             return
-        a = inputs[0].reshape(-1, inputs[0].shape[-1])
-        ones = torch.ones(a.shape[0], 1, dtype=a.dtype, device=a.device)
-        self._update("A", torch.cat([a, ones], dim=1), 1.0 / a.shape[0])
-
-    def _backward(self, module: nn.Module, grad_input: Any, grad_output: tuple[torch.Tensor, ...]) -> None:
-        g = grad_output[0].reshape(-1, grad_output[0].shape[-1])
-        self._update("G", g, float(g.shape[0]))
+        x = inputs[0].detach()
+        rows = self.helper.a_rows(x)
+        self._update("A", rows, 1.0 / rows.shape[0])
+        n = self.helper.batch_size(x)
+        output.register_hook(eager_hook(lambda grad: self._update("G", self.helper.g_rows(grad.detach()), float(n))))
 
     def eigenvalues(self, key: str) -> torch.Tensor:
         """Eigenvalues of factor ``key`` (``"A"`` or ``"G"``), descending, clipped at 0 (float64)."""
