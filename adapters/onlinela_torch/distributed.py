@@ -38,6 +38,12 @@ preconditioned gradient (``d_G × d_A`` elements per layer and step instead
 of the decompositions every ``T_inv``).  :meth:`state_dict` is then
 collective and complete on rank 0 only.
 
+The collectives and their byte counters live in
+:class:`~onlinela_torch.comm.Communicator` and
+:class:`~onlinela_torch.comm.StatisticsSync`, the owner table in
+:class:`~onlinela_torch.assignment.FactorPlacement`; this module composes
+them into the preconditioner's step hooks.
+
 Launch with ``torchrun`` (any script that calls
 ``torch.distributed.init_process_group``), with :func:`spawn` (``N`` local
 processes), or ``onlinela train --nproc N``; see docs/distributed.rst.
@@ -45,27 +51,29 @@ processes), or ``onlinela train --nproc N``; see docs/distributed.rst.
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import dataclasses
 import datetime
 import gc
 import logging
 import os
-import pickle
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .assignment import AssignmentPolicy, FactorPlacement, GreedyAssignment, WorkItem, decomposition_cost
+from .comm import Communicator, StatisticsSync, held_bytes
 from .factors import FactorState
-from .modules import g_scale
-from .preconditioner import KFACLayer, KFACPreconditioner, _Plan
+from .layer import KFACLayer
+from .preconditioner import KFACPreconditioner
+
+if TYPE_CHECKING:
+    from .preconditioner import _Plan
 
 __all__ = [
     "AssignmentPolicy",
@@ -78,86 +86,13 @@ __all__ = [
     "spawn",
 ]
 
-logger = logging.getLogger(__name__)
-
-#: Categories of :meth:`DistributedKFACPreconditioner.stats` ``["distributed"]["bytes"]``.
-BYTE_CATEGORIES = ("control", "statistics", "brand_rows", "decompositions", "gradients", "preconditioned")
 #: The values of ``DistributedKFACPreconditioner(mode=...)``.
 MODES = ("replicate", "memory")
-_KINDS = ("dense", "randomized", "brand", "brand+dense")
 
 
 def distributed_active(group: Any = None) -> bool:
     """Whether a process group of more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
-# =========================================================================== work assignment
-@dataclass(frozen=True)
-class WorkItem:
-    """One unit of decomposition work: one factor (``"layer/A"``), or a layer's two factors in ``mode="memory"``.
-
-    Attributes
-    ----------
-    name : str
-        ``"<layer>/A"``, ``"<layer>/G"``, or the layer name (``mode="memory"``).
-    cost : float
-        Estimated flops of one decomposition round of its factors (:func:`decomposition_cost`).
-    """
-
-    name: str
-    cost: float
-
-
-class AssignmentPolicy(abc.ABC):
-    """Places each :class:`WorkItem` on one rank.  Must be deterministic: every rank calls it with the same input."""
-
-    @abc.abstractmethod
-    def assign(self, items: Sequence[WorkItem], loads: Sequence[float]) -> list[int]:
-        """Owner rank of each item.
-
-        Parameters
-        ----------
-        items : sequence of WorkItem
-            The factors (or layers) to place, in layer order.
-        loads : sequence of float
-            The cost already placed on each rank (``len(loads)`` is the world size).
-
-        Returns
-        -------
-        list of int
-            ``owners[i]`` in ``[0, len(loads))`` for ``items[i]``.
-        """
-
-
-class GreedyAssignment(AssignmentPolicy):
-    """Longest processing time first: the costliest item goes to the least-loaded rank (ties: lowest rank).
-
-    Within ``4/3`` of the optimal makespan (Graham 1969).
-    """
-
-    def assign(self, items: Sequence[WorkItem], loads: Sequence[float]) -> list[int]:  # noqa: D102
-        loads = list(loads)
-        owners = [0] * len(items)
-        for i in sorted(range(len(items)), key=lambda i: (-items[i].cost, i)):
-            rank = min(range(len(loads)), key=lambda p: (loads[p], p))
-            owners[i] = rank
-            loads[rank] += items[i].cost
-        return owners
-
-
-def decomposition_cost(factor: FactorState, increment_rank: int, *, oversample: int, n_iter: int) -> float:
-    """Flops estimate of one decomposition of ``factor`` (algorithms.md §3, §4).
-
-    ``d³`` for a dense ``eigh``; ``d²(r+l)(q+1)`` for a randomized one
-    (``d³`` when ``r + l >= d``, where the exact solver is used); ``d(r+s)²``
-    for a Brand update with an increment of rank ``s``; the sum of the last two
-    for a Brand factor that also keeps the dense EA.
-    """
-    d, r = factor.dim, factor.rank
-    randomized = float(min(d**3, d * d * (r + oversample) * (n_iter + 1)))
-    brand = float(d * (r + increment_rank) ** 2)
-    return {"dense": float(d**3), "randomized": randomized, "brand": brand, "brand+dense": brand + randomized}[factor.kind]
 
 
 # =========================================================================== the preconditioner
@@ -244,25 +179,27 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
+        self.comm = Communicator(group, mode, self._timer)
+        self.statistics = StatisticsSync(self.comm)
+        self.rank = self.comm.rank
+        self.world_size = self.comm.world_size
         self.assignment = GreedyAssignment() if assignment is None else assignment
+        self.placement = FactorPlacement(
+            self.assignment, self.rank, self.world_size, mode, oversample=self.oversample, n_iter=self.n_iter
+        )
         self.average_gradients = bool(average_gradients)
-        self.owners: dict[tuple[str, str], int] = {}  # (layer, "A"/"G") -> rank
         self._precomputed: dict[str, torch.Tensor] | None = None
-        self._loads = [0.0] * self.world_size
-        self._increment_rank: dict[str, int] = {}
         self._changed: list[tuple[KFACLayer, str]] = []
-        self._tri_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self._bytes_total = dict.fromkeys(BYTE_CATEGORIES, 0)
-        self._bytes_step = dict.fromkeys(BYTE_CATEGORIES, 0)
-        self._counts = {"decompositions": 0, "received": 0}
-        self._comm_seconds = 0.0
+        self._decompositions = 0
         for layer in self.layers.values():
             layer.low_rank_grad = False
-        self._check_config()
+        self.comm.check_config(self._fingerprint())
 
-    # ------------------------------------------------------------------ configuration check
+    @property
+    def owners(self) -> dict[tuple[str, str], int]:
+        """``(layer, "A" or "G")`` to the rank that decomposes that factor (:class:`FactorPlacement`)."""
+        return self.placement.owners
+
     def _fingerprint(self) -> dict[str, Any]:
         return {
             "world_size": self.world_size,
@@ -285,16 +222,6 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             "step_rules": (self.warmup, self.damping_scale, self.graft, self.damping_factor),
         }
 
-    def _check_config(self) -> None:
-        mine = self._fingerprint()
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=self.group)
-        self._count("control", len(pickle.dumps(mine)) * self.world_size)
-        diff = sorted({key for other in everyone for key in mine if other.get(key) != everyone[0].get(key)})
-        if diff:
-            detail = "; ".join(f"{key}: " + ", ".join(f"rank {p}={fp.get(key)!r}" for p, fp in enumerate(everyone)) for key in diff)
-            raise ValueError(f"DistributedKFACPreconditioner: the ranks were configured differently ({detail})")
-
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self) -> bool:
@@ -305,18 +232,20 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         bool
             False when the step was skipped for a non-finite gradient (on every rank alike).
         """
-        self._bytes_step = dict.fromkeys(BYTE_CATEGORIES, 0)
+        self.comm.new_step()
         self._changed = []
         plan = self._plan(self.steps)
-        t0 = self._timer()
-        if plan.capture:
-            self._sync_statistics(plan.ea, plan.brand)
-        self._assign_new_layers()
-        self._comm_seconds += self._timer() - t0
+        with self.comm.timed():
+            if plan.capture:
+                self.statistics.sync(
+                    self.layers, self.placement, step=self.steps, ea=plan.ea, brand=plan.brand,
+                    loss_reduction=self.loss_reduction, device=self._device(),
+                )
+            self.placement.place_new(self.layers)
         return super().step()
 
     def _update_layer(self, layer: KFACLayer, plan: _Plan, lam: float, k: int) -> None:
-        mine = {which: f for which, f in layer.factors() if self._owner(layer.name, which) == self.rank}
+        mine = {which: f for which, f in layer.factors() if self.placement.owner(layer.name, which) == self.rank}
         others = [f for which, f in layer.factors() if which not in mine]
         before = {which: _version(f) for which, f in mine.items()}
         with _decompositions_disabled(others):  # their EA updates run; the owner decomposes (and broadcasts)
@@ -326,20 +255,15 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             if any(a is not b for a, b in zip(now[:2], then[:2])) or now[2:] != then[2:]:
                 self._changed.append((layer, which))
             if now[0] is not then[0]:
-                self._counts["decompositions"] += 1
-
-    def _owner(self, name: str, which: str) -> int:
-        """The rank that decomposes factor ``which`` of layer ``name`` (this rank before any assignment)."""
-        return self.owners.get((name, which), self.rank)
+                self._decompositions += 1
 
     def _precondition_step(self, k: int, lam: float) -> bool:
-        t0 = self._timer()
         plan = self._plan(k)
-        if self.mode == "replicate" and (plan.decompose or plan.brand or plan.overwrite):
-            self._broadcast_factors()
-        if self.average_gradients:
-            self._average_gradients()
-        self._comm_seconds += self._timer() - t0
+        with self.comm.timed():
+            if self.mode == "replicate" and (plan.decompose or plan.brand or plan.overwrite):
+                self.comm.broadcast_factors(self.layers, self._changed)
+            if self.average_gradients:
+                self.comm.average_gradients(self.model.parameters(), self._device())
         if self.mode == "memory":
             entries = [
                 (layer, layer.helper.grad_matrix())
@@ -365,19 +289,9 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         """
         out = {}
         for layer, g in entries:  # a layer without an owner has no factors yet: its gradient passes unchanged
-            if self._owner(layer.name, "A") == self.rank:
+            if self.placement.owner(layer.name, "A") == self.rank:
                 out[layer.name] = super()._apply_layer(layer, g, lam, thin=False)
-        t0 = self._timer()
-        for layer, g in entries:
-            owner = self.owners.get((layer.name, "A"))
-            if owner is None:
-                continue
-            v = out[layer.name].contiguous() if owner == self.rank else torch.empty_like(g, memory_format=torch.contiguous_format)
-            dist.broadcast(v, group=self.group, group_src=owner)
-            self._count("preconditioned", v.numel() * v.element_size())
-            out[layer.name] = v
-        self._comm_seconds += self._timer() - t0
-        return out
+        return self.comm.broadcast_preconditioned(entries, out, self.placement)
 
     def precondition(self, grads: Mapping[str, torch.Tensor], *, damping: float | None = None) -> dict[str, torch.Tensor]:
         """As :meth:`KFACPreconditioner.precondition`; collective in ``mode="memory"``.
@@ -397,218 +311,11 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     def _kind_for(self, dim: int, s: int) -> str:
         return super()._kind_for(dim, s * self.world_size)
 
-    # ------------------------------------------------------------------ statistics
-    def _sync_statistics(self, ea: bool, brand: bool) -> None:
-        """All-reduce the step's Grams, gather Brand rows to the owners; set global row/sample counts."""
-        layers = list(self.layers.values())
-        meta = [self.steps, int(ea), int(brand), len(layers)]
-        for layer in layers:
-            meta += [layer.a_rows_seen, layer.samples_seen]
-            for which in ("A", "G"):
-                f = getattr(layer, which)
-                meta += [-1 if f is None else _KINDS.index(f.kind), -1 if f is None else f.dim]
-                meta.append(0 if f is None else sum(r.shape[0] for r in f._rows))
-        local = torch.tensor(meta, dtype=torch.int64, device=self._device())
-        table = [torch.empty_like(local) for _ in range(self.world_size)]
-        dist.all_gather(table, local, group=self.group)
-        self._count("control", local.numel() * 8 * self.world_size)
-        table_t = torch.stack(table).cpu()
-        self._check_table(table_t, layers)
-        per_layer = table_t[:, 4:].reshape(self.world_size, len(layers), 8)
-        active = []
-        for i, layer in enumerate(layers):
-            rows = per_layer[:, i, 0].tolist()
-            if sum(rows):
-                self._increment_rank[layer.name] = sum(rows)
-                active.append((i, layer))
-        self._assign_new_layers()
-        finish = []
-        for i, layer in active:
-            n_total = int(per_layer[:, i, 1].sum())
-            weight = {"A": 1.0, "G": (layer.samples_seen / n_total) ** 2 if self.loss_reduction == "mean" else 1.0}
-            for which, f in layer.factors():
-                if ea and f.keeps_dense:
-                    finish.append(self._reduce_gram(f, weight[which], self._owner(layer.name, which)))
-                if brand and f.keeps_rows:
-                    counts = per_layer[:, i, 4 if which == "A" else 7].tolist()
-                    self._gather_rows(self._owner(layer.name, which), f, weight[which], counts)
-            layer.a_rows_seen, layer.samples_seen = self._increment_rank[layer.name], n_total
-        for done in finish:
-            done()
-
-    def _check_table(self, table: torch.Tensor, layers: list[KFACLayer]) -> None:
-        """Every rank must be at the same step with the same plan, layers and factor kinds."""
-        shape = table[:, :4]
-        per = table[:, 4:].reshape(self.world_size, len(layers), 8)[:, :, [2, 3, 5, 6]]
-        if bool((shape != shape[0]).any()) or bool((per != per[0]).any()):
-            bad = [
-                f"{layer.name}: kinds/dims " + ", ".join(f"rank {p}={per[p, i].tolist()}" for p in range(self.world_size))
-                for i, layer in enumerate(layers)
-                if bool((per[:, i] != per[0, i]).any())
-            ]
-            raise RuntimeError(
-                "DistributedKFACPreconditioner: ranks disagree at this statistics step "
-                f"(step/ea/brand/layers per rank: {shape.tolist()}; {'; '.join(bad) or 'layers agree'}); "
-                "every rank must run the same model, method and schedule and capture every layer"
-            )
-
-    def _reduce_gram(self, f: FactorState, weight: float, owner: int) -> Callable[[], None]:
-        """Start the all-reduce of ``weight · Gram`` (upper triangle; a reduce to ``owner`` in ``mode="memory"``).
-
-        Returns the function that finishes it: the summed Gram becomes the
-        factor's pending increment (in ``mode="memory"`` on ``owner`` only;
-        the other ranks drop theirs and keep no EA).
-        """
-        gram = f._gram if f._gram is not None else torch.zeros(f.dim, f.dim, dtype=f.dtype, device=f.device)
-        mask = self._tri_mask(f.dim, gram.device)
-        packed = gram[mask]
-        if weight != 1.0:
-            packed.mul_(weight)
-        if self.mode == "memory":
-            work = dist.reduce(packed, group=self.group, group_dst=owner, async_op=True)
-        else:
-            work = dist.all_reduce(packed, group=self.group, async_op=True)
-        self._count("statistics", packed.numel() * packed.element_size())
-
-        def finish() -> None:
-            work.wait()
-            if self.mode == "memory" and owner != self.rank:
-                f._gram = None
-                return
-            full = torch.zeros_like(gram)
-            full[mask] = packed
-            f._gram = full.add_(full.triu(1).T)
-
-        return finish
-
-    def _tri_mask(self, d: int, device: torch.device) -> torch.Tensor:
-        key = (d, device)
-        if key not in self._tri_masks:
-            self._tri_masks[key] = torch.ones(d, d, dtype=torch.bool, device=device).triu_()
-        return self._tri_masks[key]
-
-    def _gather_rows(self, owner: int, f: FactorState, weight: float, counts: list[int]) -> None:
-        """Gather every rank's ``sqrt(weight)``-scaled rows (padded to the longest) to rank ``owner``."""
-        n_max = max(counts)
-        rows = torch.cat(f._rows, 0) if f._rows else torch.zeros(0, f.dim, dtype=f.dtype, device=f.device)
-        if weight != 1.0:
-            rows = rows * weight**0.5
-        padded = torch.zeros(n_max, f.dim, dtype=f.dtype, device=f.device)
-        padded[: rows.shape[0]] = rows
-        bucket = [torch.empty_like(padded) for _ in range(self.world_size)] if self.rank == owner else None
-        dist.gather(padded, bucket, group=self.group, group_dst=owner)
-        elem = padded.numel() * padded.element_size()
-        self._count("brand_rows", elem * (self.world_size if self.rank == owner else 1))
-        if bucket is not None:
-            f._rows = [b[:c] for b, c in zip(bucket, counts) if c]
-
-    # ------------------------------------------------------------------ assignment
-    def _assign_new_layers(self) -> None:
-        """Place the factors without an owner (a layer's factors together in ``mode="memory"``)."""
-        new: dict[str, tuple[KFACLayer, list[tuple[str, FactorState]]]] = {}  # work item name -> layer, factors
-        for layer in self.layers.values():
-            for which, f in layer.factors():
-                if (layer.name, which) in self.owners:
-                    continue
-                placed = [self.owners[(layer.name, w)] for w in ("A", "G") if (layer.name, w) in self.owners]
-                if self.mode == "memory" and placed:  # the layer already has an owner
-                    self.owners[(layer.name, which)] = placed[0]
-                    continue
-                name = layer.name if self.mode == "memory" else f"{layer.name}/{which}"
-                new.setdefault(name, (layer, []))[1].append((which, f))
-        if new:
-            self._assign(new)
-        if self.mode == "memory":
-            for layer in self.layers.values():
-                for which, f in layer.factors():
-                    if self._owner(layer.name, which) != self.rank:
-                        _release(f)
-
-    def _assign(self, new: Mapping[str, tuple[KFACLayer, list[tuple[str, FactorState]]]]) -> None:
-        items = []
-        for name, (layer, factors) in new.items():
-            s = self._increment_rank.get(layer.name, 0)
-            items.append(WorkItem(name, sum(decomposition_cost(f, s, oversample=self.oversample, n_iter=self.n_iter) for _, f in factors)))
-        owners = self.assignment.assign(items, list(self._loads))
-        for item, owner in zip(items, owners):
-            if not 0 <= owner < self.world_size:
-                raise ValueError(f"{type(self.assignment).__name__} placed {item.name!r} on rank {owner}")
-            layer, factors = new[item.name]
-            for which, _ in factors:
-                self.owners[(layer.name, which)] = owner
-            self._loads[owner] += item.cost
-        logger.debug("rank %d: factor owners %s", self.rank, self.owners)
-
-    # ------------------------------------------------------------------ decompositions
-    def _broadcast_factors(self) -> None:
-        """Send the factors this rank updated; receive the others' (every rank ends with the same state)."""
-        mine = []
-        for layer, which in self._changed:
-            sd = dict(getattr(layer, which).state_dict())
-            sd["ea"] = None  # identical everywhere: all-reduced
-            skeleton, tensors = _split_tensors(sd)
-            mine.append((layer.name, which, skeleton, [(tuple(t.shape), t.dtype) for t in tensors], tensors))
-        header = [m[:4] for m in mine]
-        everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, header, group=self.group)
-        self._count("control", len(pickle.dumps(header)) * self.world_size)
-        for src, entries in enumerate(everyone):
-            for j, (name, which, skeleton, specs) in enumerate(entries):
-                f = getattr(self.layers[name], which)
-                if src == self.rank:
-                    tensors = mine[j][4]
-                else:
-                    tensors = [torch.empty(shape, dtype=dtype, device=f.device) for shape, dtype in specs]
-                for t in tensors:
-                    dist.broadcast(t, group=self.group, group_src=src)
-                    self._count("decompositions", t.numel() * t.element_size())
-                if src != self.rank:
-                    ea = f.ea
-                    f.load_state_dict(_fill_tensors(skeleton, tensors))
-                    f.ea = ea
-                    self._counts["received"] += 1
-
-    # ------------------------------------------------------------------ gradients
-    def _average_gradients(self) -> None:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        sizes = torch.tensor([sum(g.numel() for g in grads)] * 2, dtype=torch.int64, device=self._device())
-        sizes[1].neg_()
-        dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=self.group)
-        self._count("control", 16)
-        if int(sizes[0]) != -int(sizes[1]):
-            raise RuntimeError(
-                "DistributedKFACPreconditioner: the ranks hold gradients of different sizes "
-                f"(between {-int(sizes[1])} and {int(sizes[0])} elements); every rank must back-propagate the same parameters"
-            )
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, group=self.group)
-        flat.div_(self.world_size)
-        self._count("gradients", flat.numel() * flat.element_size())
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    # ------------------------------------------------------------------ bookkeeping
     def _device(self) -> torch.device:
         """Where collectives' small tensors live: the model's device (NCCL needs CUDA tensors)."""
         return next(iter(self.layers.values())).module.weight.device
 
-    def _factor_bytes(self) -> int:
-        """Bytes of the factor tensors this rank holds (a tensor shared by snapshot and Brand state counted once)."""
-        held: dict[int, int] = {}
-        for layer in self.layers.values():
-            for _, f in layer.factors():
-                for t in _held_tensors(f):
-                    held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(held.values())
-
-    def _count(self, category: str, nbytes: int) -> None:
-        self._bytes_step[category] += nbytes
-        self._bytes_total[category] += nbytes
-
+    # ------------------------------------------------------------------ checkpoints and stats
     def state_dict(self) -> dict[str, Any]:
         """As :meth:`KFACPreconditioner.state_dict`; in ``mode="memory"`` collective, and complete on rank 0 only.
 
@@ -617,19 +324,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
         whole state, transiently; the other ranks return their own factors.
         """
         sd = super().state_dict()
-        if self.mode != "memory":
-            return sd
-        for name, layer_sd in sd["layers"].items():
-            for which in ("A", "G"):
-                owner = self.owners.get((name, which), 0)
-                if owner == 0 or layer_sd[which] is None or self.rank not in (0, owner):
-                    continue
-                box = [layer_sd[which]]
-                if self.rank == owner:
-                    dist.send_object_list(box, group=self.group, group_dst=0)
-                else:
-                    dist.recv_object_list(box, group=self.group, group_src=owner)
-                    layer_sd[which] = box[0]
+        if self.mode == "memory":
+            self.comm.collect_state(sd["layers"], self.placement)
         return sd
 
     def stats(self) -> dict[str, Any]:
@@ -644,8 +340,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             states this rank holds), ``decompositions`` (factor decompositions and
             Brand updates computed on this rank), ``received`` (factor states
             received from their owners), ``bytes_last_step`` and ``bytes_total``
-            (payload bytes per category of :data:`BYTE_CATEGORIES`: the
-            all-reduced or broadcast buffers, the rows sent to a gather and,
+            (payload bytes per category of :data:`~onlinela_torch.comm.BYTE_CATEGORIES`:
+            the all-reduced or broadcast buffers, the rows sent to a gather and,
             at its root, received) and ``communication_seconds``.
         """
         out = super().stats()
@@ -653,13 +349,10 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             "rank": self.rank,
             "world_size": self.world_size,
             "mode": self.mode,
-            "owners": _nested(self.owners),
-            "factor_bytes": self._factor_bytes(),
-            "decompositions": self._counts["decompositions"],
-            "received": self._counts["received"],
-            "bytes_last_step": dict(self._bytes_step),
-            "bytes_total": dict(self._bytes_total),
-            "communication_seconds": self._comm_seconds,
+            "owners": self.placement.nested(),
+            "factor_bytes": held_bytes(self.layers.values()),
+            "decompositions": self._decompositions,
+            **self.comm.stats(),
         }
         return out
 
@@ -805,67 +498,6 @@ def _do_nothing(*args: Any, **kwargs: Any) -> None:
     """Stands in for a factor's update method on a rank that does not own the factor."""
 
 
-def _release(f: FactorState) -> None:
-    """Drop a factor's EA, snapshot and Brand state (``mode="memory"``, a factor another rank owns)."""
-    f.ea = None
-    f.eigen = None
-    if hasattr(f, "brand"):
-        f.brand = None
-
-
-def _held_tensors(f: FactorState) -> list[torch.Tensor]:
-    """The tensors a factor keeps between steps: EA, snapshot, Brand state."""
-    out = [f.ea] if f.ea is not None else []
-    for lr in (None if f.eigen is None else f.eigen.approx, getattr(f, "brand", None)):
-        if lr is not None:
-            out += [lr.eigvecs, lr.eigvals]
-    return out
-
-
-def _nested(owners: Mapping[tuple[str, str], int]) -> dict[str, dict[str, int]]:
-    """``{(layer, which): rank}`` as ``{layer: {which: rank}}``."""
-    out: dict[str, dict[str, int]] = {}
-    for (name, which), rank in owners.items():
-        out.setdefault(name, {})[which] = rank
-    return out
-
-
 def _version(f: FactorState) -> tuple[Any, ...]:
     """What an owner's update may change: snapshot and Brand state (compared by identity), rank, skips, errors."""
     return (f.eigen, getattr(f, "brand", None), f.rank, tuple(f.skipped.values()), len(f.errors))
-
-
-@dataclass(frozen=True)
-class _TensorSlot:
-    index: int
-
-
-def _split_tensors(obj: Any) -> tuple[Any, list[torch.Tensor]]:
-    """Replace the tensors of a nested dict/list by slots; the same tensor object gets one slot."""
-    tensors: list[torch.Tensor] = []
-    seen: dict[int, int] = {}
-
-    def walk(x: Any) -> Any:
-        if isinstance(x, torch.Tensor):
-            if id(x) not in seen:
-                seen[id(x)] = len(tensors)
-                tensors.append(x.contiguous())
-            return _TensorSlot(seen[id(x)])
-        if isinstance(x, Mapping):
-            return {k: walk(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(walk(v) for v in x)
-        return x
-
-    return walk(obj), tensors
-
-
-def _fill_tensors(obj: Any, tensors: list[torch.Tensor]) -> Any:
-    """Inverse of :func:`_split_tensors`."""
-    if isinstance(obj, _TensorSlot):
-        return tensors[obj.index]
-    if isinstance(obj, Mapping):
-        return {k: _fill_tensors(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_fill_tensors(v, tensors) for v in obj)
-    return obj
