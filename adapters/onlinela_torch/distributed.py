@@ -130,6 +130,18 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
     **kwargs
         Any :class:`~onlinela_torch.KFACPreconditioner` keyword.
 
+    Attributes
+    ----------
+    rank, world_size : int
+        This rank and the group's size ``P``.
+    comm : onlinela_torch.comm.Communicator
+        The collectives (settings check, decomposition and gradient
+        broadcasts, ``mode="memory"`` exchanges) and their byte counters.
+    statistics : onlinela_torch.comm.StatisticsSync
+        The statistics exchange of ``T_updt`` / ``T_B`` steps.
+    placement : onlinela_torch.assignment.FactorPlacement
+        Which rank decomposes which factor (:attr:`owners`).
+
     Raises
     ------
     RuntimeError
