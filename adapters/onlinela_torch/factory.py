@@ -1,0 +1,134 @@
+"""Factor creation for :class:`~onlinela_torch.KFACPreconditioner`: strategy, Brand eligibility, seeding.
+
+:class:`FactorFactory` builds each factor of the method's strategy
+(:mod:`onlinela_torch.factors`) the first time statistics arrive, when the
+increment rank ``s`` that decides Brand eligibility is known.  For the Brand
+methods a factor keeps Brand updates only where they reduce the dimension
+(``r + s < d``) and, with ``BrandConfig.cost``, are cheaper per step than the
+dense EA + randomized fallback; the choices are counted in
+:attr:`FactorFactory.brand_choice` (``stats()["brand"]``) and logged at INFO on
+the preconditioner's logger.  Every factor has its own random stream, seeded
+from ``seed`` and the layer index (or block name).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .factors import BrandDenseFactor, BrandFactor, DenseFactor, FactorState, RandomizedFactor
+from .layer import KFACLayer
+from .logs import WarningCounter
+from .methods import StepSchedule
+from .options import KFACOptions
+
+__all__ = ["FactorFactory"]
+
+
+class FactorFactory:
+    """Builds the factors of one preconditioner.
+
+    Parameters
+    ----------
+    options : KFACOptions
+    schedule : StepSchedule
+        ``T_updt``, ``T_inv``, ``T_B`` at step 0 enter the Brand cost rule.
+    warn : WarningCounter
+        Shared with the factors (skipped updates are warned and counted); its
+        logger (the preconditioner's) also gets the INFO / DEBUG lines.
+    kind_for : callable (dim, s) -> str
+        The strategy of a new factor; the preconditioner passes its (overridable)
+        ``_kind_for``, whose default is :meth:`default_kind`.
+
+    Attributes
+    ----------
+    brand_choice : Counter
+        Brand methods: factors kept by Brand updates (``"brand"``), by the
+        randomized fallback because ``r + s >= d`` (``"randomized_rank"``) or
+        because of the cost model (``"randomized_cost"``).
+    """
+
+    def __init__(
+        self, options: KFACOptions, schedule: StepSchedule, warn: WarningCounter, kind_for: Callable[[int, int], str]
+    ) -> None:
+        self.options = options
+        self.schedule = schedule
+        self.warn = warn
+        self.kind_for = kind_for
+        self.brand_choice: Counter[str] = Counter()
+
+    def for_layer(self, layer: KFACLayer, which: str, s: int, kind: str | None = None) -> FactorState:
+        """The layer's ``which`` factor, created on first use (Brand eligibility needs ``s``)."""
+        f = getattr(layer, which)
+        if f is not None:
+            return f
+        dim = layer.helper.a_dim if which == "A" else layer.helper.g_dim
+        rng = np.random.default_rng(np.random.SeedSequence(self.options.seed, spawn_key=(layer.index, int(which == "G"))))
+        f = self.new(dim, f"{layer.name or '<model>'}/{which}", s, layer.module.weight.device, rng, kind)
+        setattr(layer, which, f)
+        return f
+
+    def for_block(self, dim: int, name: str, *, rows: int, device: torch.device, kind: str | None = None) -> FactorState:
+        """The :class:`~onlinela_torch.blocks.FactorMaker` of the curvature blocks: this method's strategy."""
+        rng = np.random.default_rng(np.random.SeedSequence(self.options.seed, spawn_key=(zlib.crc32(name.encode()),)))
+        return self.new(dim, name, rows, device, rng, kind)
+
+    def new(
+        self, dim: int, name: str, s: int, device: torch.device, rng: np.random.Generator, kind: str | None
+    ) -> FactorState:
+        """A factor of strategy ``kind`` (None: ``kind_for(dim, s)``); ValueError for an unknown kind (a checkpoint's)."""
+        o = self.options
+        common = dict(
+            decay=o.factor_decay,
+            rank=o.rank_policy,
+            dtype=o.factor_dtype,
+            inv_dtype=o.inv_dtype,
+            device=device,
+            rng=rng,
+            name=name,
+            warn=self.warn,
+        )
+        if kind is None:
+            kind = self.kind_for(dim, s)
+        sketch = dict(oversample=o.oversample, n_iter=o.n_iter)
+        if kind == "dense":
+            f = DenseFactor(dim, **common)
+        elif kind == "randomized":
+            f = RandomizedFactor(dim, method=o.spec.randomized or o.brand.fallback, **sketch, **common)
+        elif kind == "brand":
+            f = BrandFactor(dim, **common)
+        elif kind == "brand+dense":
+            f = BrandDenseFactor(dim, method=o.brand.fallback, fraction=o.brand.correction_fraction, **sketch, **common)
+        else:
+            raise ValueError(f"unknown factor kind {kind!r} in checkpoint")
+        self.warn.logger.debug("factor %s: %s, d=%d", name, kind, dim)
+        return f
+
+    def default_kind(self, dim: int, s: int) -> str:
+        """The method's strategy for a ``dim``-dimensional factor with ``s`` rows per update (counted in :attr:`brand_choice`)."""
+        o = self.options
+        if not o.spec.brand:
+            return o.spec.factor
+        keeps_dense = o.spec.factor == "brand+dense"
+        r = o.rank_policy.initial
+        cost = o.brand.cost
+        sched = self.schedule
+        if r + s >= dim:  # a Brand update would not reduce the dimension
+            reason = "rank"
+        elif cost is not None and not cost.pays(
+            dim, r, s, t_brand=sched.t_brand(0), t_updt=sched.t_updt(0), t_inv=sched.t_inv(0),
+            oversample=o.oversample, n_iter=o.n_iter, keeps_dense=keeps_dense,
+        ):
+            reason = "cost"
+        else:
+            self.brand_choice["brand"] += 1
+            return o.spec.factor
+        self.brand_choice[f"randomized_{reason}"] += 1
+        self.warn.logger.info("factor of d=%d (rank %d, %d rows per update): a Brand update %s; kept by randomized %s",
+                    dim, r, s, "would not reduce the dimension" if reason == "rank" else
+                    "costs more per step than the EA + randomized fallback (BrandConfig.cost)", o.brand.fallback)
+        return "randomized"
