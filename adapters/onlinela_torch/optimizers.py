@@ -28,7 +28,7 @@ from torch import nn
 from onlinela import validation as V
 
 from .preconditioner import KFACPreconditioner
-from .quadratic import AdaptiveDamping, curvature_products, lm_adjust, solve_step
+from .quadratic import AdaptiveDamping, LevenbergMarquardt, curvature_products, loss_value, solve_step
 
 __all__ = ["KFAC", "RSKFAC", "SREKFAC", "NystromKFAC", "BKFAC", "BRKFAC", "BKFACC"]
 
@@ -124,7 +124,6 @@ class _KFACFamily(torch.optim.Optimizer):
         super().__init__(model.parameters() if params is None else params, defaults)
         self.model = model
         self.weight_decay_mode = "before" if self.auto else weight_decay_mode
-        self.adaptive_damping = adaptive_damping
         if self.auto:  # the model sets the step: no clip, no grafting unless asked for
             kwargs.setdefault("kl_clip", None)
             kwargs.setdefault("graft", None)
@@ -133,6 +132,15 @@ class _KFACFamily(torch.optim.Optimizer):
         self._counts = {"auto_fallback": 0, "lm_skipped": 0, "lm_updates": 0}
         self._seconds_quadratic = 0.0
         self._last: dict[str, float] = {}
+        self._lm = LevenbergMarquardt(
+            adaptive_damping, self.preconditioner, counts=self._counts, last=self._last,
+            warn=self.preconditioner._warn.warn,
+        )
+
+    @property
+    def adaptive_damping(self) -> AdaptiveDamping | None:
+        """The Levenberg–Marquardt rule in effect (None: off); set at construction."""
+        return self._lm.cfg
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -158,11 +166,12 @@ class _KFACFamily(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        g_before = self._lm_snapshot(closure)
+        params = [p for g in self.param_groups for p in g["params"]]
+        g_before = self._lm.snapshot(closure, params)
         if not self._precondition():
             return loss
         deltas = self._sgd_update()
-        self._lm_after(closure, loss, g_before, deltas)
+        self._lm.after_step(closure, loss, g_before, deltas, params)
         return loss
 
     # ------------------------------------------------------------------ plain update
@@ -201,51 +210,6 @@ class _KFACFamily(torch.optim.Optimizer):
                 out.append((p, delta))
         return out
 
-    # ------------------------------------------------------------------ LM damping, plain mode
-    def _lm_due(self) -> bool:
-        cfg = self.adaptive_damping
-        return cfg is not None and self.preconditioner.steps % cfg.interval == 0
-
-    def _lm_snapshot(self, closure: Callable[[], Any] | None) -> list[torch.Tensor] | None:
-        """The raw gradients (for the model's linear term), on an LM step with a closure."""
-        if not self._lm_due():
-            return None
-        if closure is None:
-            self._counts["lm_skipped"] += 1
-            self.preconditioner._warn.warn(
-                "lm_without_closure", "adaptive_damping needs step(closure) to re-evaluate the loss; rule skipped"
-            )
-            return None
-        return [p.grad.detach().clone() if p.grad is not None else None for g in self.param_groups for p in g["params"]]
-
-    def _lm_after(
-        self,
-        closure: Callable[[], Any] | None,
-        loss: Any,
-        g_before: list[torch.Tensor | None] | None,
-        deltas: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """Plain mode: ``ρ`` from the loss after the step and the K-FAC model ``q = gᵀδ + ½ δᵀ(F̂ + λI)δ``."""
-        if g_before is None or closure is None or loss is None:
-            return
-        params = [p for g in self.param_groups for p in g["params"]]
-        g_of = {id(p): gb for p, gb in zip(params, g_before) if gb is not None}
-        lin = sum(float((g_of[id(p)].double() * d.double()).sum()) for p, d in deltas if id(p) in g_of)
-        quad = self.preconditioner.model_curvature({id(p): d for p, d in deltas})
-        with self.preconditioner.paused(), torch.enable_grad():
-            new = _loss_value(closure())
-        for p in params:  # the re-evaluation's backward is not this step's gradient
-            p.grad = None
-        self._lm_apply(_loss_value(loss), new, lin + 0.5 * quad)
-
-    def _lm_apply(self, old: float, new: float, predicted: float) -> None:
-        rho = (new - old) / predicted if predicted < 0 else float("nan")
-        pre = self.preconditioner
-        base = pre.damping_at(pre.steps) / pre.damping_factor
-        lam = lm_adjust(base * pre.damping_factor, rho, self.adaptive_damping)
-        pre.damping_factor = lam / base
-        self._counts["lm_updates"] += 1
-        self._last.update(rho=rho, damping=lam)
     # ------------------------------------------------------------------ lr="auto"
     def _auto_step(self, closure: Callable[[], Any]) -> torch.Tensor:
         pre = self.preconditioner
@@ -289,10 +253,10 @@ class _KFACFamily(torch.optim.Optimizer):
             self.state[p]["prev_update"] = u
         self._seconds_quadratic += time.perf_counter() - t0
         self._last.update(alpha=sol.alpha, mu=sol.mu, predicted=sol.predicted)
-        if self._lm_due():
+        if self._lm.due():
             with torch.no_grad(), pre.paused():
-                new = _loss_value(_split_closure(closure())[0])
-            self._lm_apply(float(loss), new, sol.predicted)
+                new = loss_value(_split_closure(closure())[0])
+            self._lm.apply(float(loss), new, sol.predicted)
         return loss.detach()
 
     def _param_damping(self, params: list[torch.Tensor], wd: dict[int, float]) -> list[float]:
@@ -342,10 +306,12 @@ class _KFACFamily(torch.optim.Optimizer):
         quad = sd.pop("quadratic", None)
         super().load_state_dict(sd)
         self.preconditioner.load_state_dict(pre)
-        if quad is not None:
-            self._counts = dict(quad["counts"])
+        if quad is not None:  # in place: the LM rule holds these dicts
+            self._counts.clear()
+            self._counts.update(quad["counts"])
             self._seconds_quadratic = float(quad["seconds"])
-            self._last = dict(quad["last"])
+            self._last.clear()
+            self._last.update(quad["last"])
 
 
 class KFAC(_KFACFamily):
@@ -422,7 +388,3 @@ def _split_closure(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise TypeError(f"the closure's outputs must be a Tensor, got {type(outputs).__name__}")
     return loss.reshape(()), outputs
 
-
-def _loss_value(out: Any) -> float:
-    loss = out[0] if isinstance(out, tuple) else out
-    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)

@@ -15,13 +15,17 @@ batch, ``λ`` per parameter block), the model of a step ``δ`` is
   predicted change ``q`` of the solution.
 * :func:`lm_adjust`: the Levenberg–Marquardt rule on the reduction ratio
   ``ρ = (h(θ+δ) − h(θ)) / q(δ)``.
+* :class:`LevenbergMarquardt`: that rule run on a preconditioner's damping by
+  the K-FAC optimizers (the bookkeeping: when, the K-FAC model's prediction,
+  the re-evaluated loss, the counters).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -201,3 +205,105 @@ def lm_adjust(damping: float, rho: float, cfg: AdaptiveDamping) -> float:
     elif rho > 0.75:
         damping = damping * w
     return min(max(damping, cfg.min_damping), cfg.max_damping)
+
+
+class LevenbergMarquardt:
+    r"""The Levenberg–Marquardt rule (:func:`lm_adjust`) run on a preconditioner's relative damping.
+
+    Every ``cfg.interval`` steps the optimizer compares the loss after its
+    step with the quadratic model's prediction and rescales
+    ``preconditioner.damping_factor`` so that the damping in effect becomes
+    :func:`lm_adjust`'s.  Plain mode predicts with the K-FAC model
+    ``q = gᵀδ + ½ δᵀ(F̂ + λI)δ`` (:meth:`snapshot` before the step,
+    :meth:`after_step` after it); ``lr="auto"`` passes its own prediction to
+    :meth:`apply`.
+
+    Parameters
+    ----------
+    cfg : AdaptiveDamping or None
+        The rule; None: never due.
+    preconditioner : KFACPreconditioner
+        Its ``steps``, ``damping_at``, ``model_curvature``, ``paused`` and
+        ``damping_factor`` (rewritten by :meth:`apply`).
+    counts : mutable mapping
+        Counters ``lm_skipped`` and ``lm_updates``, incremented in place.
+    last : mutable mapping
+        Receives the last ``rho`` and ``damping``, in place.
+    warn : callable
+        ``warn(key, message)``: a warning reported once per key.
+    """
+
+    def __init__(
+        self,
+        cfg: AdaptiveDamping | None,
+        preconditioner: Any,
+        *,
+        counts: MutableMapping[str, int],
+        last: MutableMapping[str, float],
+        warn: Callable[[str, str], None],
+    ) -> None:
+        self.cfg = cfg
+        self.preconditioner = preconditioner
+        self.counts = counts
+        self.last = last
+        self._warn = warn
+
+    def due(self) -> bool:
+        """Whether the rule runs at this step."""
+        return self.cfg is not None and self.preconditioner.steps % self.cfg.interval == 0
+
+    def snapshot(self, closure: Callable[[], Any] | None, params: Sequence[torch.Tensor]) -> list[torch.Tensor | None] | None:
+        """The raw gradients of ``params`` (for the model's linear term), on a due step with a closure.
+
+        Without a closure on a due step the rule is skipped: counted
+        ``lm_skipped`` and warned once.  Returns None when the rule does not run.
+        """
+        if not self.due():
+            return None
+        if closure is None:
+            self.counts["lm_skipped"] += 1
+            self._warn("lm_without_closure", "adaptive_damping needs step(closure) to re-evaluate the loss; rule skipped")
+            return None
+        return [p.grad.detach().clone() if p.grad is not None else None for p in params]
+
+    def after_step(
+        self,
+        closure: Callable[[], Any] | None,
+        loss: Any,
+        g_before: Sequence[torch.Tensor | None] | None,
+        deltas: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        params: Sequence[torch.Tensor],
+    ) -> None:
+        """Plain mode: ``ρ`` from the loss after the step and the K-FAC model ``q = gᵀδ + ½ δᵀ(F̂ + λI)δ``.
+
+        ``g_before`` is :meth:`snapshot`'s result for ``params`` and
+        ``deltas`` the applied ``(p, δ)`` pairs.  The closure runs once more
+        with the preconditioner paused; the gradients it leaves are cleared.
+        Cost one forward–backward pass and ``O(P)``.
+        """
+        if g_before is None or closure is None or loss is None:
+            return
+        g_of = {id(p): gb for p, gb in zip(params, g_before) if gb is not None}
+        lin = sum(float((g_of[id(p)].double() * d.double()).sum()) for p, d in deltas if id(p) in g_of)
+        quad = self.preconditioner.model_curvature({id(p): d for p, d in deltas})
+        with self.preconditioner.paused(), torch.enable_grad():
+            new = loss_value(closure())
+        for p in params:  # the re-evaluation's backward is not this step's gradient
+            p.grad = None
+        self.apply(loss_value(loss), new, lin + 0.5 * quad)
+
+    def apply(self, old: float, new: float, predicted: float) -> None:
+        """One update from the losses before and after the step and the predicted change ``q`` (< 0)."""
+        rho = (new - old) / predicted if predicted < 0 else float("nan")
+        pre = self.preconditioner
+        base = pre.damping_at(pre.steps) / pre.damping_factor
+        lam = lm_adjust(base * pre.damping_factor, rho, self.cfg)
+        pre.damping_factor = lam / base
+        self.counts["lm_updates"] += 1
+        self.last.update(rho=rho, damping=lam)
+
+
+def loss_value(out: Any) -> float:
+    """The float value of a closure's loss (``loss`` or a tuple starting with it; tensor or number)."""
+    loss = out[0] if isinstance(out, tuple) else out
+    return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
