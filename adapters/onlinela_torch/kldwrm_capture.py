@@ -17,7 +17,7 @@ import functools
 import math
 import time
 from collections.abc import Mapping, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,9 @@ from torch import nn
 from .compiled import eager_hook
 from .layer import KFACLayer
 from .modules import LayerHelper, g_scale
+
+if TYPE_CHECKING:
+    from .preconditioner import KFACPreconditioner
 
 __all__: list[str] = []
 
@@ -145,7 +148,12 @@ class LocalStatistics:
     """
 
     def __init__(
-        self, preconditioner: Any, seconds: MutableMapping[str, float], *, distributed: bool, group: Any
+        self,
+        preconditioner: KFACPreconditioner,
+        seconds: MutableMapping[str, float],
+        *,
+        distributed: bool,
+        group: dist.ProcessGroup | None,
     ) -> None:
         self.preconditioner = preconditioner
         self.seconds = seconds

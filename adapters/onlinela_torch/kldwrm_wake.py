@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,7 +27,11 @@ from onlinela import eigh as onlinela_eigh
 
 from .factors import EIG_CLIP, BrandFactor, FactorEigen, FactorState
 from .kldwrm_capture import LocalFactor
+from .kldwrm_config import KLDWRMConfig
 from .modules import LayerHelper
+
+if TYPE_CHECKING:
+    from .preconditioner import KFACPreconditioner
 
 __all__: list[str] = []
 
@@ -85,7 +89,15 @@ class Wake:
         Counted events and timings reported by :meth:`KLDWRM.stats`.
     """
 
-    def __init__(self, preconditioner: Any, *, variant: str, config: Any, rho: float, params: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        preconditioner: KFACPreconditioner,
+        *,
+        variant: str,
+        config: KLDWRMConfig,
+        rho: float,
+        params: list[torch.Tensor],
+    ) -> None:
         self.preconditioner = preconditioner
         self.variant = variant
         self.config = config

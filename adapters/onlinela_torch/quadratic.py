@@ -224,7 +224,8 @@ class LevenbergMarquardt:
         The rule; None: never due.
     preconditioner : KFACPreconditioner
         Its ``steps``, ``damping_at``, ``model_curvature``, ``paused`` and
-        ``damping_factor`` (rewritten by :meth:`apply`).
+        ``damping_factor`` (rewritten by :meth:`apply`); typed ``Any`` so that
+        this module does not import the preconditioner (which may use it).
     counts : mutable mapping
         Counters ``lm_skipped`` and ``lm_updates``, incremented in place.
     last : mutable mapping
