@@ -60,7 +60,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -70,10 +70,8 @@ from .assignment import AssignmentPolicy, FactorPlacement, GreedyAssignment, Wor
 from .comm import Communicator, StatisticsSync, held_bytes
 from .factors import FactorState
 from .layer import KFACLayer
+from .methods import Plan
 from .preconditioner import KFACPreconditioner
-
-if TYPE_CHECKING:
-    from .preconditioner import _Plan
 
 __all__ = [
     "AssignmentPolicy",
@@ -256,7 +254,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             self.placement.place_new(self.layers)
         return super().step()
 
-    def _update_layer(self, layer: KFACLayer, plan: _Plan, lam: float, k: int) -> None:
+    def _update_layer(self, layer: KFACLayer, plan: Plan, lam: float, k: int) -> None:
         mine = {which: f for which, f in layer.factors() if self.placement.owner(layer.name, which) == self.rank}
         others = [f for which, f in layer.factors() if which not in mine]
         before = {which: _version(f) for which, f in mine.items()}
