@@ -353,7 +353,11 @@ class KLDWRM:
         self._wake.before_precondition(k, lam)
 
     def _augment(self, e: FactorEigen, local: _LocalFactor, alpha: float) -> FactorEigen:
-        """Q's ``M + α L`` with this preconditioner's complement (:func:`~onlinela_torch.kldwrm_wake.augment_factor`)."""
+        """Q's ``M + α L`` with this preconditioner's complement (:func:`~onlinela_torch.kldwrm_wake.augment_factor`).
+
+        The step calls ``augment_factor`` through the :class:`Wake`; this entry point is the one
+        tests/test_kldwrm.py checks the Brand and dense paths through.
+        """
         return augment_factor(e, local, alpha, self.preconditioner.complement)
 
     def remove_hooks(self) -> None:
