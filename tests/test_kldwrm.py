@@ -14,7 +14,8 @@ from torch import nn
 from onlinela import LowRankPSD
 from onlinela_torch import KLDWRM, KLDWRMConfig, FactorEigen
 from onlinela_torch.data import load_digits
-from onlinela_torch.kldwrm import _LocalFactor
+from onlinela_torch.kldwrm_capture import LocalFactor
+from onlinela_torch.kldwrm_wake import augment_factor
 from onlinela_torch.models import SmallCNN
 
 
@@ -146,23 +147,19 @@ def test_q_step_matches_a_dense_kronecker_oracle():
 def test_low_rank_augmentation_by_brand_equals_the_dense_sum():
     """Q's augmented low-rank factor (Brand path) represents U w Uᵀ + c(I - UUᵀ) + α XᵀX."""
     torch.manual_seed(0)
-    model = _mlp(0, d_in=40, hidden=6, d_out=3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    kld = KLDWRM(model, opt, variant="q", method="rs-kfac", rank=5, complement="min",
-                 factor_dtype=torch.float64, inv_dtype=torch.float64)
     d, r, R, alpha = 41, 5, 8, 0.3
     U = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0]
     w = torch.tensor([5.0, 4.0, 2.0, 1.0, 0.5], dtype=torch.float64)
     e = FactorEigen(LowRankPSD.unchecked(U, w), 5.0, 0.5)
     X = torch.randn(R, d, dtype=torch.float64)
-    out = kld._augment(e, _LocalFactor(rows=X), alpha)
+    out = augment_factor(e, LocalFactor(rows=X), alpha, "min")
     assert out.approx.rank == r + R < d
     P = out.approx.eigvecs @ out.approx.eigvecs.T
     dense = (out.approx.eigvecs * out.approx.eigvals) @ out.approx.eigvecs.T + out.min_eig * (torch.eye(d, dtype=torch.float64) - P)
     expected = (U * w) @ U.T + 0.5 * (torch.eye(d, dtype=torch.float64) - U @ U.T) + alpha * X.T @ X
     torch.testing.assert_close(dense, expected, rtol=1e-10, atol=1e-10)
     # a Gram (conv-like) local factor takes the dense path and is exact too
-    out = kld._augment(e, _LocalFactor(gram=X.T @ X), alpha)
+    out = augment_factor(e, LocalFactor(gram=X.T @ X), alpha, "min")
     assert out.approx.rank == d
     torch.testing.assert_close((out.approx.eigvecs * out.approx.eigvals) @ out.approx.eigvecs.T, expected)
 

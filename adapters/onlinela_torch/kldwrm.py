@@ -48,11 +48,10 @@ from torch import nn
 from .distributed import DistributedKFACPreconditioner
 from .factors import FactorEigen
 from .inverse import apply_inverse
-from .kldwrm_capture import LocalFactor as _LocalFactor  # tests/test_kldwrm.py imports it from here
 from .kldwrm_capture import LocalStatistics
 from .kldwrm_config import VARIANTS, KLDWRMConfig
 from .kldwrm_inner import inner_loop
-from .kldwrm_wake import Wake, augment_factor
+from .kldwrm_wake import Wake
 from .layer import KFACLayer
 from .preconditioner import KFACPreconditioner
 
@@ -351,14 +350,6 @@ class KLDWRM:
     def _before_precondition(self, k: int, lam: float) -> None:
         """The preconditioner's hook after its curvature update: the wake rewrites the gradients (:class:`Wake`)."""
         self._wake.before_precondition(k, lam)
-
-    def _augment(self, e: FactorEigen, local: _LocalFactor, alpha: float) -> FactorEigen:
-        """Q's ``M + α L`` with this preconditioner's complement (:func:`~onlinela_torch.kldwrm_wake.augment_factor`).
-
-        The step calls ``augment_factor`` through the :class:`Wake`; this entry point is the one
-        tests/test_kldwrm.py checks the Brand and dense paths through.
-        """
-        return augment_factor(e, local, alpha, self.preconditioner.complement)
 
     def remove_hooks(self) -> None:
         """Detach from the model (the preconditioner's hooks and KLD-WRM's own)."""
