@@ -420,7 +420,10 @@ _AUTOENCODER_KFAC = {"damping": 0.01, "kl_clip": 30.0, "factor_update_freq": 5, 
 # of seven optimizers with preset learning rates (no probe), a few minutes on one
 # CPU thread.  The rates are what a 3-epoch probe of the grid 0.1, 0.01, 0.001
 # picked on this configuration (docs/results.rst); --lr-grid probes again.
-_AUTOENCODER_BRAND_KFAC = {**_AUTOENCODER_KFAC, "rank": 64}
+# The showcase forces the papers' Brand rule (r + s < d; BrandConfig(cost=None)) so that its Brand updates
+# run and their cost is measured: at batch 250 the cost model would keep every factor by the randomized
+# fallback (docs/kfac.rst), as the measured step ratios of this task confirm.
+_AUTOENCODER_BRAND_KFAC = {**_AUTOENCODER_KFAC, "rank": 64, "brand": {"cost": None}}
 _AUTOENCODER_BRAND_OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "b-kfac", "br-kfac", "b-kfac-c")
 _AUTOENCODER_BRAND_LRS = {"sgd": 0.001, "adam": 0.001, "kfac": 0.1, "rs-kfac": 0.1, "b-kfac": 0.1, "br-kfac": 0.1,
                           "b-kfac-c": 0.1}
@@ -705,6 +708,8 @@ def build_stepper(
     options.update(_accepted_kwargs(precond, dict(kfac_options or {}), strict=True))
     options.pop("lr", None)  # set from `lr` by the optimizer class / read by KLD-WRM from param_groups
     options.pop("method", None)
+    if isinstance(options.get("brand"), Mapping):  # a task's BrandConfig fields (plain data, JSON in compare.json)
+        options["brand"] = exported["BrandConfig"](**options["brand"])
     if kfac_momentum is None:
         kfac_momentum = task.kfac_momentum if task is not None else 0.0
     if spec.family == "kfac":
