@@ -124,3 +124,14 @@ def test_the_preconditioner_keeps_each_factor_by_the_cheaper_strategy(caplog):
     # few rows per update: Brand pays
     wide = _precond(4096, 32)
     assert wide.layers["0"].A.kind == "brand" and wide.stats()["brand"]["brand"] == 1
+
+
+def test_the_brand_counts_describe_the_restored_factors():
+    pre = _precond(4096, 32)
+    state = pre.state_dict()
+    assert pre.stats()["brand"] == {"brand": 1, "randomized_rank": 3}
+    pre.load_state_dict(state)  # the same preconditioner: counts are not doubled
+    assert pre.stats()["brand"] == {"brand": 1, "randomized_restored": 3}
+    fresh = _precond(4096, 32)
+    fresh.load_state_dict(state)
+    assert fresh.stats()["brand"] == {"brand": 1, "randomized_restored": 3}

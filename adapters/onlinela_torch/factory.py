@@ -49,7 +49,8 @@ class FactorFactory:
     brand_choice : Counter
         Brand methods: factors kept by Brand updates (``"brand"``), by the
         randomized fallback because ``r + s >= d`` (``"randomized_rank"``) or
-        because of the cost model (``"randomized_cost"``).
+        because of the cost model (``"randomized_cost"``); factors restored
+        from a checkpoint count under ``"brand"`` or ``"randomized_restored"``.
     """
 
     def __init__(
@@ -94,6 +95,8 @@ class FactorFactory:
         )
         if kind is None:
             kind = self.kind_for(dim, s)
+        elif o.spec.brand:  # restored from a checkpoint, which keeps the kind but not why it was chosen
+            self.brand_choice["brand" if kind in ("brand", "brand+dense") else "randomized_restored"] += 1
         sketch = dict(oversample=o.oversample, n_iter=o.n_iter)
         if kind == "dense":
             f = DenseFactor(dim, **common)

@@ -294,6 +294,7 @@ class KFACPreconditioner:
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` (same method and layer names)."""
         checkpoint.check_state(state_dict, self.method, self.layers, self.blocks)
+        self._factors.brand_choice.clear()  # every factor is rebuilt below, each counted again
         self.blocks.load_state_dict(state_dict.get("blocks", {}))  # checks every shape (ValueError naming the block)
         c = checkpoint.counters(state_dict)
         self.steps, self._brand_updates, self._writer.skipped_steps = c["steps"], c["brand_updates"], c["skipped_steps"]
