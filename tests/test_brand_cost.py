@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from onlinela_torch import BrandConfig, BrandCostModel, KFACPreconditioner
+from onlinela_torch import factory
 from onlinela_torch.brand_cost import brand_terms, ea_flops, randomized_terms
 
 dims = st.integers(16, 20000)
@@ -110,15 +111,21 @@ def _precond(width: int, batch: int, **brand):
     return pre
 
 
-def test_the_preconditioner_keeps_each_factor_by_the_cheaper_strategy(caplog):
+def test_the_preconditioner_keeps_each_factor_by_the_cheaper_strategy(caplog, monkeypatch):
     # A of layer "0": d = 1025, r = 64, s = 512: r + s < d, but the Brand update costs more per step
+    monkeypatch.setattr(factory, "_REPORTED", set())  # as in a fresh process: the first fallback is at INFO
     with caplog.at_level(logging.INFO, logger="onlinela_torch.preconditioner"):
         pre = _precond(1024, 512)
     assert pre.layers["0"].A.kind == "randomized"
     counts = pre.stats()["brand"]
     assert counts["randomized_cost"] >= 1 and counts["randomized_rank"] >= 1  # the 8- and 9-dimensional factors
     assert sum(counts.values()) == 4
-    assert any("costs more per step" in r.getMessage() for r in caplog.records)
+    info = [r for r in caplog.records if r.levelno == logging.INFO and "kept by randomized" in r.getMessage()]
+    assert len(info) == 2 and any("costs more per step" in r.getMessage() for r in info)  # once per reason
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="onlinela_torch.preconditioner"):
+        _precond(1024, 512)  # the same fallbacks again: counted, not logged at INFO
+    assert not [r for r in caplog.records if "kept by randomized" in r.getMessage()]
     # the papers' rule keeps it by Brand updates
     assert _precond(1024, 512, cost=None).layers["0"].A.kind == "brand"
     # few rows per update: Brand pays

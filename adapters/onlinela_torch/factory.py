@@ -6,13 +6,15 @@ increment rank ``s`` that decides Brand eligibility is known.  For the Brand
 methods a factor keeps Brand updates only where they reduce the dimension
 (``r + s < d``) and, with ``BrandConfig.cost``, are cheaper per step than the
 dense EA + randomized fallback; the choices are counted in
-:attr:`FactorFactory.brand_choice` (``stats()["brand"]``) and logged at INFO on
-the preconditioner's logger.  Every factor has its own random stream, seeded
+:attr:`FactorFactory.brand_choice` (``stats()["brand"]``) and logged on the
+preconditioner's logger (at INFO the first time in the process for each
+reason, at DEBUG after that).  Every factor has its own random stream, seeded
 from ``seed`` and the layer index (or block name).
 """
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +29,9 @@ from .methods import StepSchedule
 from .options import KFACOptions
 
 __all__ = ["FactorFactory"]
+
+#: fallback reasons already logged at INFO in this process (later ones go to DEBUG; all are counted)
+_REPORTED: set[str] = set()
 
 
 class FactorFactory:
@@ -131,7 +136,12 @@ class FactorFactory:
             self.brand_choice["brand"] += 1
             return o.spec.factor
         self.brand_choice[f"randomized_{reason}"] += 1
-        self.warn.logger.info("factor of d=%d (rank %d, %d rows per update): a Brand update %s; kept by randomized %s",
-                    dim, r, s, "would not reduce the dimension" if reason == "rank" else
-                    "costs more per step than the EA + randomized fallback (BrandConfig.cost)", o.brand.fallback)
+        # INFO the first time in the process for each reason, DEBUG after: a CLI run builds many preconditioners
+        level = logging.DEBUG if reason in _REPORTED else logging.INFO
+        _REPORTED.add(reason)
+        self.warn.logger.log(level, "factor of d=%d (rank %d, %d rows per update): a Brand update %s; kept by "
+                             "randomized %s (counted in stats()['brand'])", dim, r, s,
+                             "would not reduce the dimension" if reason == "rank" else
+                             "costs more per step than the EA + randomized fallback (BrandConfig.cost)",
+                             o.brand.fallback)
         return "randomized"
