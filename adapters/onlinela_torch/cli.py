@@ -502,7 +502,8 @@ def _brand_lines(results: dict[str, Any]) -> str:
             groups.setdefault((tuple(r["brand_factors"]), tuple(r["fallback_factors"])), []).append(name)
     if not groups:
         return ""
-    text = "(Brand: factors Brand-updated / all factors; a factor is Brand-updated only where rank + batch rows < d)\n"
+    text = ("(Brand: factors Brand-updated / all factors; a factor is Brand-updated only where rank + batch rows < d "
+            "and the update is cheaper per step than the randomized fallback, BrandConfig.cost)\n")
     for (brand, fallback), names in groups.items():
         who = ", ".join(names)
         if not brand:
