@@ -142,3 +142,15 @@ def test_the_brand_counts_describe_the_restored_factors():
     fresh = _precond(4096, 32)
     fresh.load_state_dict(state)
     assert fresh.stats()["brand"] == {"brand": 1, "randomized_restored": 3}
+
+
+def test_block_factors_of_a_distributed_preconditioner_keep_the_dense_ea():
+    """Averaged block statistics are Grams: where a Brand update would pay, a block factor runs randomized instead."""
+    pre = _precond(64, 8)
+    maker = pre._factors
+    before = dict(pre.stats()["brand"])
+    assert maker.for_block(4096, "wide/G", rows=8, device=torch.device("cpu")).kind == "brand"  # single process
+    maker.dense_blocks = True  # what DistributedKFACPreconditioner sets
+    assert maker.for_block(4096, "wide/G", rows=8, device=torch.device("cpu")).kind == "randomized"
+    after = pre.stats()["brand"]
+    assert after["brand"] == before.get("brand", 0) + 1 and after["randomized_distributed"] == 1

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .assignment import FactorPlacement
+from .blocks.kronecker import FactorSlot
 from .factors import FactorState
 from .layer import KFACLayer
 
@@ -340,6 +341,55 @@ class StatisticsSync:
         for done in finish:
             done()
 
+    def average_blocks(self, blocks: Mapping[str, Any], device: torch.device, warn: Callable[..., Any]) -> None:
+        """Replace every curvature block's pending statistics by their mean over the ranks (one ``all_reduce``).
+
+        The holders (:meth:`~onlinela_torch.CurvatureBlock.statistics_holders`,
+        in block order) carry a pending Gram (a block factor's ``d × d``) or a
+        pending small tensor (a diagonal / per-channel statistic).  Each block
+        scales its pending sums by its local rows and loss terms, so with equal
+        shards the mean over ranks is the global batch's increment; unequal
+        loss terms are warned (``blocks_unequal_shards``) and averaged all the
+        same.  First an ``all_gather`` of a table (``8(H + B)`` bytes: a
+        pending flag per holder, the loss terms per block) says which holders
+        any rank filled; those are sent as one flat buffer of their elements
+        (zeros where a rank has none).  RuntimeError when a block factor
+        exists on some ranks only or keeps Brand rows.
+        """
+        holders = [(name, h) for name, b in blocks.items() for h in b.statistics_holders()]
+        if not holders:
+            return
+        pending = [_pending_tensor(name, h) for name, h in holders]
+        meta = [int(t is not None) for t in pending] + [int(b._terms) for b in blocks.values()]
+        local = torch.tensor(meta, dtype=torch.int64, device=device)
+        table = [torch.empty_like(local) for _ in range(self.comm.world_size)]
+        dist.all_gather(table, local, group=self.comm.group)
+        self.comm.count("control", local.numel() * 8 * self.comm.world_size)
+        t = torch.stack(table).cpu()
+        terms = t[:, len(holders):]
+        if bool((terms != terms[0]).any()):
+            warn("blocks_unequal_shards", "curvature blocks saw different numbers of loss terms per rank (%s); their "
+                 "statistics are averaged as if the shards were equal", terms.tolist())
+        chosen = [i for i in range(len(holders)) if bool(t[:, i].any())]
+        if not chosen:
+            return
+        parts = []
+        for i in chosen:
+            name, h = holders[i]
+            shape, dtype = _holder_shape(h), _holder_dtype(h)
+            parts.append((pending[i] if pending[i] is not None else torch.zeros(shape, dtype=dtype, device=device))
+                         .reshape(-1))
+        flat = torch.cat([q.to(parts[0].dtype) for q in parts])
+        dist.all_reduce(flat, group=self.comm.group)
+        self.comm.count("statistics", flat.numel() * flat.element_size())
+        flat.div_(self.comm.world_size)
+        offset = 0
+        for i, q in zip(chosen, parts):
+            name, h = holders[i]
+            value = flat[offset : offset + q.numel()].reshape(_holder_shape(h)).to(_holder_dtype(h))
+            offset += q.numel()
+            _set_pending(name, h, value.clone())
+
     def _check_table(self, table: torch.Tensor, layers: list[KFACLayer]) -> None:
         """Every rank must be at the same step with the same plan, layers and factor kinds."""
         shape = table[:, :4]
@@ -406,6 +456,34 @@ class StatisticsSync:
         self.comm.count("brand_rows", elem * (self.comm.world_size if self.comm.rank == owner else 1))
         if bucket is not None:
             f._rows = [b[:c] for b, c in zip(bucket, counts) if c]
+
+
+def _pending_tensor(block: str, holder: Any) -> torch.Tensor | None:
+    """A statistics holder's pending increment: a block factor's Gram, or a small tensor's pending sum."""
+    if not isinstance(holder, FactorSlot):
+        return holder.pending
+    f = holder.state
+    if f is not None and f.keeps_rows and not f.keeps_dense:
+        raise RuntimeError(f"block {block!r}: factor {holder.name} keeps Brand rows, which cannot be averaged over ranks")
+    return None if f is None else f._gram
+
+
+def _holder_shape(holder: Any) -> tuple[int, ...]:
+    return (holder.dim, holder.dim) if isinstance(holder, FactorSlot) else tuple(holder.shape)
+
+
+def _holder_dtype(holder: Any) -> torch.dtype:
+    return holder.ctx.factor_dtype if isinstance(holder, FactorSlot) else holder.dtype
+
+
+def _set_pending(block: str, holder: Any, value: torch.Tensor) -> None:
+    if not isinstance(holder, FactorSlot):
+        holder.pending = value
+        return
+    if holder.state is None:
+        raise RuntimeError(f"block {block!r}: factor {holder.name} captured statistics on some ranks only; every "
+                           "rank must run the same forward and backward")
+    holder.state._gram = value
 
 
 def held_bytes(layers: Iterable[KFACLayer]) -> int:

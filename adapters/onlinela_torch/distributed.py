@@ -161,7 +161,15 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
       for unequal ones.
     * With ``mode="replicate"`` every rank holds every factor (``O(Σ d²)``
       for dense EAs), like one process.
+    * Curvature blocks (attention, embeddings, norms, Conv1d, Linear on
+      sequences) are replicated in both modes: their pending statistics are
+      averaged over the ranks on every statistics step (one ``all_reduce``,
+      :meth:`~onlinela_torch.comm.StatisticsSync.average_blocks`; exact for
+      equal local batches) and every rank decomposes them; their factors use
+      the dense EA (a Brand method's block factors run as RS-KFAC).
     """
+
+    _synchronises_blocks = True
 
     def __init__(
         self,
@@ -189,6 +197,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
         self.mode = mode
         self.group = group
+        self._factors.dense_blocks = True  # block statistics are averaged as Grams (StatisticsSync.average_blocks)
         self.comm = Communicator(group, mode, self._timer)
         self.statistics = StatisticsSync(self.comm)
         self.rank = self.comm.rank
@@ -215,6 +224,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
             "world_size": self.world_size,
             "method": self.method,
             "layers": [(n, type(lay.module).__name__, lay.helper.a_dim, lay.helper.g_dim) for n, lay in self.layers.items()],
+            "blocks": [(n, b.kind, b._dims()) for n, b in self.blocks.blocks.items()],
             "steps": self.steps,
             "factor_decay": self.factor_decay,
             "schedules@step": (self._t_updt(self.steps), self._t_inv(self.steps), self._t_brand(self.steps)),
@@ -251,6 +261,8 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
                     self.layers, self.placement, step=self.steps, ea=plan.ea, brand=plan.brand,
                     loss_reduction=self.loss_reduction, device=self._device(),
                 )
+            if plan.ea and self.blocks.blocks:
+                self.statistics.average_blocks(self.blocks.blocks, self._device(), self._warn.warn)
             self.placement.place_new(self.layers)
         return super().step()
 
@@ -323,7 +335,7 @@ class DistributedKFACPreconditioner(KFACPreconditioner):
 
     def _device(self) -> torch.device:
         """Where collectives' small tensors live: the model's device (NCCL needs CUDA tensors)."""
-        return next(iter(self.layers.values())).module.weight.device
+        return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ checkpoints and stats
     def state_dict(self) -> dict[str, Any]:

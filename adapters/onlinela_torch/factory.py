@@ -55,7 +55,9 @@ class FactorFactory:
         Brand methods: factors kept by Brand updates (``"brand"``), by the
         randomized fallback because ``r + s >= d`` (``"randomized_rank"``) or
         because of the cost model (``"randomized_cost"``); factors restored
-        from a checkpoint count under ``"brand"`` or ``"randomized_restored"``.
+        from a checkpoint count under ``"brand"`` or ``"randomized_restored"``,
+        block factors kept dense for a distributed preconditioner under
+        ``"randomized_distributed"``.
     """
 
     def __init__(
@@ -66,6 +68,8 @@ class FactorFactory:
         self.warn = warn
         self.kind_for = kind_for
         self.brand_choice: Counter[str] = Counter()
+        #: curvature blocks get dense-keeping factors only (set by the distributed preconditioner)
+        self.dense_blocks = False
 
     def for_layer(self, layer: KFACLayer, which: str, s: int, kind: str | None = None) -> FactorState:
         """The layer's ``which`` factor, created on first use (Brand eligibility needs ``s``)."""
@@ -79,14 +83,31 @@ class FactorFactory:
         return f
 
     def for_block(self, dim: int, name: str, *, rows: int, device: torch.device, kind: str | None = None) -> FactorState:
-        """The :class:`~onlinela_torch.blocks.FactorMaker` of the curvature blocks: this method's strategy."""
+        """The :class:`~onlinela_torch.blocks.FactorMaker` of the curvature blocks: this method's strategy.
+
+        With :attr:`dense_blocks` a Brand kind becomes ``"randomized"``
+        (counted as ``"randomized_distributed"``): averaged block statistics
+        are Gram matrices, not rows.
+        """
         rng = np.random.default_rng(np.random.SeedSequence(self.options.seed, spawn_key=(zlib.crc32(name.encode()),)))
+        if kind is None and self.dense_blocks:
+            kind = self.kind_for(dim, rows)
+            if kind in ("brand", "brand+dense"):  # counted as "brand" by kind_for: recount it
+                self.brand_choice.subtract(["brand"])
+                self.brand_choice["randomized_distributed"] += 1
+                self.brand_choice = +self.brand_choice  # drop a zero count
+                kind = "randomized"
+            return self.new(dim, name, rows, device, rng, kind, restored=False)
         return self.new(dim, name, rows, device, rng, kind)
 
     def new(
-        self, dim: int, name: str, s: int, device: torch.device, rng: np.random.Generator, kind: str | None
+        self, dim: int, name: str, s: int, device: torch.device, rng: np.random.Generator, kind: str | None,
+        *, restored: bool = True,
     ) -> FactorState:
-        """A factor of strategy ``kind`` (None: ``kind_for(dim, s)``); ValueError for an unknown kind (a checkpoint's)."""
+        """A factor of strategy ``kind`` (None: ``kind_for(dim, s)``; a given kind is a checkpoint's when ``restored``).
+
+        ValueError for an unknown kind (a checkpoint's).
+        """
         o = self.options
         common = dict(
             decay=o.factor_decay,
@@ -100,7 +121,7 @@ class FactorFactory:
         )
         if kind is None:
             kind = self.kind_for(dim, s)
-        elif o.spec.brand:  # restored from a checkpoint, which keeps the kind but not why it was chosen
+        elif o.spec.brand and restored:  # from a checkpoint, which keeps the kind but not why it was chosen
             self.brand_choice["brand" if kind in ("brand", "brand+dense") else "randomized_restored"] += 1
         sketch = dict(oversample=o.oversample, n_iter=o.n_iter)
         if kind == "dense":

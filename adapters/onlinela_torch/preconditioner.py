@@ -102,6 +102,8 @@ class KFACPreconditioner:
 
     #: The supported ``method`` names.
     METHODS = METHODS
+    #: Whether this class averages the curvature blocks' statistics over a process group (the distributed one does)
+    _synchronises_blocks = False
 
     @takes_options
     def __init__(self, model: nn.Module, **options: Any) -> None:
@@ -118,7 +120,7 @@ class KFACPreconditioner:
         base = unwrap_compiled(model)  # torch.compile(model): the same names as the eager model
         self._ctx = block_context(opts, plan=lambda: self._plan(self.steps), grad_scale=lambda: self._capture.grad_scale(),
                                   make_factor=self._factors.for_block, reuse=lambda: self._reuse)
-        self.blocks, covered = build_block_set(base, self._ctx, opts, self._warn)
+        self.blocks, covered = build_block_set(base, self._ctx, opts, self._warn, synchronised=self._synchronises_blocks)
         self.layers: dict[str, KFACLayer] = kronecker_layers(base, opts, covered, self.blocks)
         self._seconds = {"statistics": 0.0, "decomposition": 0.0, "preconditioning": 0.0}
         self._capture = Capture(model, self.layers, self.blocks, self._ctx, opts, plan=lambda: self._plan(self.steps),

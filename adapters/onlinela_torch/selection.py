@@ -69,27 +69,35 @@ def block_context(
 
 
 def build_block_set(
-    model: nn.Module, ctx: BlockContext, options: KFACOptions, warn: WarningCounter
+    model: nn.Module, ctx: BlockContext, options: KFACOptions, warn: WarningCounter, *, synchronised: bool = False
 ) -> tuple[BlockSet, set[str]]:
     """Curvature blocks for every selected module the Kronecker layers do not handle.
 
     Returns the blocks and the names of the Linear/Conv2d modules the
     Kronecker path may take (a Linear inside an attention block is the
-    block's, e.g. ``out_proj``).  Under ``torch.distributed`` the blocks are
-    not built yet: their parameters are reported as uncovered (warned once).
+    block's, e.g. ``out_proj``).  Under ``torch.distributed`` a block is
+    built only when ``synchronised`` (the preconditioner averages block
+    statistics over the ranks: :class:`~onlinela_torch.DistributedKFACPreconditioner`)
+    and the block declares its statistics
+    (:meth:`~onlinela_torch.CurvatureBlock.statistics_holders`); the others'
+    parameters are reported as uncovered (warned once).
     """
     layers, skip = options.layers, options.skip_layers
     built = build_blocks(model, ctx, select=lambda name, m: _selected(name, m, layers, skip))
     kron = {n for n, b in built.blocks.items() if type(b.module) in (nn.Linear, nn.Conv2d)}
     extra = {n: b for n, b in built.blocks.items() if n not in kron}
     if extra and distributed_group_size() > 1:
-        for n, b in extra.items():
+        why = ("its block does not declare its statistics (statistics_holders), so they cannot be averaged over "
+               "the ranks" if synchronised else "curvature blocks under torch.distributed need "
+               "DistributedKFACPreconditioner (onlinela_torch.distribute)")
+        dropped = {n: b for n, b in extra.items() if not synchronised or b.statistics_holders() is None}
+        for n, b in dropped.items():
             for pname, _ in b.params():
-                built.uncovered.append(Uncovered(f"{n}.{pname}" if n else pname, type(b.module).__name__,
-                                                 "curvature blocks do not run under torch.distributed yet"))
-        warn.warn("blocks_distributed", "%d curvature block(s) (%s) are not distributed yet; their "
-                  "parameters keep the plain gradient", len(extra), ", ".join(sorted(extra)))
-        extra = {}
+                built.uncovered.append(Uncovered(f"{n}.{pname}" if n else pname, type(b.module).__name__, why))
+        if dropped:
+            warn.warn("blocks_distributed", "%d curvature block(s) (%s) not built under torch.distributed (%s); "
+                      "their parameters keep the plain gradient", len(dropped), ", ".join(sorted(dropped)), why)
+        extra = {n: b for n, b in extra.items() if n not in dropped}
     return BlockSet(blocks=extra, uncovered=built.uncovered, shared=built.shared), kron
 
 

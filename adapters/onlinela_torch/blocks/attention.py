@@ -233,6 +233,9 @@ class MultiheadAttentionBlock(CurvatureBlock):
         for f in self.factors.values():
             f.discard()
 
+    def statistics_holders(self) -> list[Any]:  # noqa: D102
+        return [h for p in _PROJ for h in self.factors[p].holders()]
+
     @property
     def has_curvature(self) -> bool:  # noqa: D102
         return any(f.ready() for f in self.factors.values())

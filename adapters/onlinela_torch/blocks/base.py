@@ -339,6 +339,21 @@ class CurvatureBlock(abc.ABC):
         self.seconds["preconditioning"] += self.ctx.timer() - t0
         return out
 
+    def statistics_holders(self) -> list[Any] | None:
+        """The objects that hold this block's per-step statistics, in a fixed order; None if it cannot be distributed.
+
+        Each is a :class:`~onlinela_torch.blocks.kronecker.FactorSlot` or a
+        :class:`~onlinela_torch.blocks.diagonal.TensorEA`.  Under
+        :class:`~onlinela_torch.DistributedKFACPreconditioner` their pending
+        increments are averaged over the ranks before :meth:`update` (one
+        all-reduce per statistics step), which gives the global batch's
+        statistics when the ranks hold equal shards.  A block that returns
+        None (the default, e.g. a user's block keeping its statistics
+        elsewhere) is not built under ``torch.distributed``: its parameters
+        are reported as uncovered.
+        """
+        return None
+
     @property
     @abc.abstractmethod
     def has_curvature(self) -> bool:

@@ -101,6 +101,9 @@ class EmbeddingBlock(CurvatureBlock):
         self.A.discard()
         self.G.discard()
 
+    def statistics_holders(self) -> list[Any]:  # noqa: D102
+        return [self.A, self.G]
+
     @property
     def has_curvature(self) -> bool:  # noqa: D102
         a, e = self.A.snapshot, self.G.eigen

@@ -132,6 +132,10 @@ class KroneckerFactors:
         self.A.discard()
         self.G.discard()
 
+    def holders(self) -> list[FactorSlot]:
+        """``[A, G]`` (:meth:`CurvatureBlock.statistics_holders`)."""
+        return [self.A, self.G]
+
     def ready(self) -> bool:
         eA, eG = self.A.eigen, self.G.eigen
         return eA is not None and eG is not None and eA.max_eig > 0 and eG.max_eig > 0
@@ -270,6 +274,9 @@ class KroneckerBlock(CurvatureBlock):
 
     def _discard(self) -> None:
         self.factors.discard()
+
+    def statistics_holders(self) -> list[Any]:  # noqa: D102
+        return list(self.factors.holders())
 
     @property
     def has_curvature(self) -> bool:  # noqa: D102

@@ -136,6 +136,9 @@ class ScaleShiftBlock(CurvatureBlock):
         self._captured = False
         self.stat.discard()
 
+    def statistics_holders(self) -> list[Any]:  # noqa: D102
+        return [self.stat]
+
     @property
     def has_curvature(self) -> bool:  # noqa: D102
         return self.stat.snapshot is not None and bool(self.stat.snapshot.max() > 0)
