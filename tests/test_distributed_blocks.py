@@ -19,7 +19,6 @@ the normalisations add a condition factor we bound by ``10³`` (measured drift
 
 from __future__ import annotations
 
-import datetime
 import pathlib
 
 import pytest
@@ -31,7 +30,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from onlinela_torch import DistributedKFACPreconditioner, KFACPreconditioner  # noqa: E402
-from onlinela_torch.distributed import spawn  # noqa: E402
+from rank_runs import results, run_ranks  # noqa: E402
 
 pytestmark = [
     pytest.mark.distributed,
@@ -43,7 +42,6 @@ STEPS, BATCH, T, VOCAB, LR, DAMPING = 6, 8, 5, 13, 0.1, 1e-2
 ATOL = 1e3 * STEPS * LR * torch.finfo(torch.float64).eps / DAMPING
 OPTIONS = dict(damping=DAMPING, factor_update_freq=1, inv_update_freq=2, rank=6, oversample=2, n_iter=2,
                factor_dtype=torch.float64, inv_dtype=torch.float64)
-TIMEOUT = datetime.timedelta(seconds=60)
 BLOCKS = {"emb", "attn", "norm", "conv"}
 
 
@@ -100,23 +98,12 @@ def _worker(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("blocks_dist")
-    try:
-        spawn(_worker, 2, (str(out),), timeout=TIMEOUT)
-    except Exception as exc:  # a worker raised, died or timed out: the tests fail and say why
-        return exc
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
-def _ok(two_ranks) -> list:
-    if isinstance(two_ranks, BaseException):
-        pytest.fail(f"the 2-rank worker group failed: {type(two_ranks).__name__}: {two_ranks}", pytrace=False)
-    return two_ranks
+    return run_ranks(_worker, tmp_path_factory.mktemp("blocks_dist"))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_two_ranks_match_one_rank_with_curvature_blocks(two_ranks, method):
-    res = _ok(two_ranks)
+    res = results(two_ranks)
     torch.set_num_threads(1)
     ref, ref_stats = _train(method, slice(None))
     assert set(ref_stats["blocks"]) == BLOCKS and ref_stats["uncovered"] == []
@@ -131,7 +118,7 @@ def test_two_ranks_match_one_rank_with_curvature_blocks(two_ranks, method):
 
 
 def test_a_brand_method_keeps_block_factors_dense_under_distributed(two_ranks):
-    st = _ok(two_ranks)[0]["b-kfac"][1]
+    st = results(two_ranks)[0]["b-kfac"][1]
     kinds = {f["kind"] for b in st["blocks"].values() for f in _factor_summaries(b)}
     assert "randomized" in kinds and kinds <= {"randomized", "diagonal"}  # no Brand rows to average
 
@@ -152,7 +139,7 @@ def _factor_summaries(block_stats: dict) -> list[dict]:
 
 
 def test_the_single_process_class_under_a_process_group_reports_its_blocks_uncovered(two_ranks):
-    for r in _ok(two_ranks):
+    for r in results(two_ranks):
         st = r["plain"]
         assert st["blocks"] == {} and st["warnings"]["blocks_distributed"] == 1 and st["warnings"]["not_distributed"] == 1
         uncovered = {u["name"].split(".")[0] for u in st["uncovered"]}
@@ -160,7 +147,7 @@ def test_the_single_process_class_under_a_process_group_reports_its_blocks_uncov
 
 
 def test_memory_mode_replicates_the_blocks_and_matches_one_rank(two_ranks):
-    res = _ok(two_ranks)
+    res = results(two_ranks)
     torch.set_num_threads(1)
     ref, _ = _train("kfac", slice(None))
     torch.testing.assert_close(res[0]["memory"][0], ref, rtol=0, atol=ATOL)

@@ -20,7 +20,6 @@ the same reduced data).
 
 from __future__ import annotations
 
-import datetime
 import pathlib
 
 import pytest
@@ -32,7 +31,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from onlinela_torch import KLDWRM, KLDWRMConfig  # noqa: E402
-from onlinela_torch.distributed import spawn  # noqa: E402
+from rank_runs import results, run_ranks  # noqa: E402
 
 pytestmark = [
     pytest.mark.distributed,
@@ -44,7 +43,6 @@ STEPS, BATCH, LR, DAMPING = 6, 16, 0.1, 1e-2
 EPS32 = torch.finfo(torch.float32).eps
 ATOL = STEPS * LR * EPS32 / DAMPING
 OPTIONS = dict(damping=DAMPING, factor_update_freq=1, inv_update_freq=2)
-TIMEOUT = datetime.timedelta(seconds=60)
 
 
 def _model() -> nn.Module:
@@ -88,23 +86,12 @@ def _worker(out: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kldwrm_dist")
-    try:
-        spawn(_worker, 2, (str(out),), timeout=TIMEOUT)
-    except Exception as exc:  # a worker raised, died or timed out: the tests fail and say why
-        return exc
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
-def _ok(two_ranks) -> list:
-    if isinstance(two_ranks, BaseException):
-        pytest.fail(f"the 2-rank worker group failed: {type(two_ranks).__name__}: {two_ranks}", pytrace=False)
-    return two_ranks
+    return run_ranks(_worker, tmp_path_factory.mktemp("kldwrm_dist"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_two_ranks_match_one_rank_on_the_same_global_batch(two_ranks, variant):
-    res = _ok(two_ranks)
+    res = results(two_ranks)
     torch.set_num_threads(1)
     ref, ref_stats = _train(variant, slice(None))
     start = torch.cat([p.detach().reshape(-1) for p in _model().parameters()])
@@ -118,7 +105,7 @@ def test_two_ranks_match_one_rank_on_the_same_global_batch(two_ranks, variant):
 
 
 def test_mismatched_kldwrm_settings_are_a_clear_error_on_every_rank(two_ranks):
-    res = _ok(two_ranks)
+    res = results(two_ranks)
     for r in res:
         assert "configured differently" in r["mismatch"] and "kldwrm" in r["mismatch"]
 
