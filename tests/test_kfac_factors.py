@@ -9,13 +9,17 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev
 
-from onlinela_torch import KFACPreconditioner
+from onlinela_torch import AdaptiveRank, KFACPreconditioner
+from onlinela_torch.factors import RandomizedFactor, as_rank_policy
 from onlinela_torch.modules import Conv2dHelper, LinearHelper, helper_for
 
 
@@ -248,3 +252,35 @@ def test_gradient_accumulation_gives_the_full_batch_factors():
     for n, layer in pre2.layers.items():
         torch.testing.assert_close(layer.A.dense(), full[n][0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(layer.G.dense(), full[n][1], rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ exact eigh where it is cheaper than the sketch
+@settings(max_examples=100, deadline=None)
+@given(d=st.integers(8, 5000), k=st.integers(2, 600), q=st.integers(0, 6), extra=st.integers(1, 500))
+def test_exact_is_cheaper_is_monotone(d, k, q, extra):
+    """Wider factors favour the sketch; more sketch columns or iterations favour eigh."""
+    from onlinela_torch.factors import exact_is_cheaper
+
+    for m in ("svd", "subspace", "nystrom"):
+        if not exact_is_cheaper(d, k, m, q):
+            assert not exact_is_cheaper(d + extra, k, m, q)
+        if exact_is_cheaper(d, k, m, q):
+            assert exact_is_cheaper(d, k + extra, m, q) and exact_is_cheaper(d, k, m, q + 1)
+
+
+@pytest.mark.parametrize("rank, kind_of_result", [(220, "exact"), (AdaptiveRank(), "sketch")])
+def test_a_randomized_factor_takes_eigh_where_it_is_cheaper(rank, kind_of_result):
+    # d = 257 and r + l = 230 < d: a sketch is possible, but eigh costs less (257 < 3.3 * 230)
+    policy = as_rank_policy(rank)
+    f = RandomizedFactor(257, method="svd", oversample=10, n_iter=3, decay=0.9, rank=policy, dtype=torch.float64,
+                         inv_dtype=torch.float64, device=torch.device("cpu"), rng=np.random.default_rng(0), name="f")
+    X = torch.randn(300, 257, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    f.accumulate(X)
+    f.update_ea(1.0 / 300, step=0)
+    f.refresh(decompose=True, overwrite=False, damping=1e-2, step=0)
+    expected = 257 if kind_of_result == "exact" else min(policy.initial, 257)
+    assert f.eigen.approx.rank == expected
+    if kind_of_result == "exact":  # the full decomposition reproduces the debiased EA to round-off
+        U, w = f.eigen.approx.eigvecs, f.eigen.approx.eigvals
+        tol = 100 * 257 * torch.finfo(torch.float64).eps * float(w[0])
+        torch.testing.assert_close((U * w) @ U.T, f.dense(), rtol=0, atol=tol)

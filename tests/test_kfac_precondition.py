@@ -92,10 +92,11 @@ def test_kfac_step_equals_kronecker_reference(convention):
 
 @pytest.mark.parametrize("method", ["rs-kfac", "sre-kfac", "nystrom-kfac"])
 def test_randomized_methods_exact_on_low_rank_factors(method):
-    # one batch of 5 rows: every factor has rank <= 5 < r = 8 < d - l, so the sketch is exact
-    model = _mlp(widths=(30, 24, 20))
+    # one batch of 5 rows: every factor has rank <= 5 < r = 8 < d - l, so the sketch is exact; the A factors
+    # (d = 61, 49) are wide enough that the sketch is cheaper than eigh (factors.exact_is_cheaper), so it runs
+    model = _mlp(widths=(60, 48, 20))
     pre = KFACPreconditioner(model, method=method, rank=8, oversample=4, complement="zero", **_opts())
-    x, y = torch.randn(5, 30, dtype=DT), torch.randint(0, 20, (5,))
+    x, y = torch.randn(5, 60, dtype=DT), torch.randint(0, 20, (5,))
     F.cross_entropy(model(x), y).backward()
     grads = {n: l.helper.grad_matrix().clone() for n, l in pre.layers.items()}
     pre.step()

@@ -529,8 +529,10 @@ class DenseFactor(FactorState):
 class RandomizedFactor(FactorState):
     """Dense EA + randomized low-rank eigendecomposition (RS-KFAC / SRE-KFAC / Nyström).
 
-    Cost per decomposition ``O(d²(r+l)(q+1))``; when ``r + l >= d`` the exact
-    ``eigh`` is as cheap and is used instead.
+    Cost per decomposition ``O(d²(r+l)(q+1))``; when ``r + l >= d``, or with
+    a fixed or scheduled rank when it is cheaper (:func:`exact_is_cheaper`:
+    ``d < 3.3 (r+l)`` for ``"svd"``, ``2 (r+l)`` for the others, at ``q = 3``),
+    the exact ``eigh`` is used instead: full rank, no truncation error.
 
     Parameters
     ----------
@@ -555,7 +557,7 @@ class RandomizedFactor(FactorState):
 
     def _decompose(self, M: torch.Tensor, step: int, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
         r = self._choose_rank(step, damping)
-        if r + self.oversample >= self.dim:
+        if _use_exact(self, r):
             return _exact(M)
         approx = _randomized(M, r, self.oversample, self.n_iter, self.method, self.rng)
         return approx.eigvecs, approx.eigvals, False
@@ -676,7 +678,7 @@ class BrandDenseFactor(BrandFactor):
         r = min(self._choose_rank(step, damping), self.dim)
 
         def run() -> tuple[LowRankPSD]:
-            if r + self.oversample >= self.dim:
+            if _use_exact(self, r):
                 U, w, _ = _exact(self.ea)
                 return (LowRankPSD.unchecked(U[:, :r], w[:r]),)
             return (_randomized(self.ea, r, self.oversample, self.n_iter, self.method, self.rng),)
@@ -705,6 +707,36 @@ def all_finite(t: torch.Tensor) -> bool:
 def _row_major_lowrank(lr: LowRankPSD) -> LowRankPSD:
     """``lr`` with row-major eigenvectors and eigenvalues: the layout every rank stores (see :meth:`FactorState._snapshot`)."""
     return LowRankPSD.unchecked(lr.eigvecs.contiguous(), lr.eigvals.contiguous(), lr.complement)
+
+
+#: ``d / (r + l)`` below which a full ``eigh`` of a ``d × d`` factor is cheaper than the randomized
+#: decomposition with ``q = 3`` iterations (measured, one CPU thread, float32, torch 2.13, r = 32-220,
+#: d = 128-1536: ``benchmarks/exact_vs_randomized.py``); the sketch's cost grows like ``q + 1``
+EXACT_BELOW = {"svd": 3.3, "subspace": 2.0, "nystrom": 2.0}
+
+
+def exact_is_cheaper(d: int, k: int, method: str, n_iter: int) -> bool:
+    """Whether ``eigh`` of a ``d × d`` matrix costs less than a randomized decomposition with ``k = r + l`` columns.
+
+    ``eigh`` costs ``≈ c_e d³``, the sketch ``≈ c_m d² k (q + 1)``: the
+    crossover ``d / k`` is linear in ``q + 1``; :data:`EXACT_BELOW` holds it
+    at ``q = 3``.  On GPUs ``eigh`` runs further below GEMM speed than on a
+    CPU, so there this rule errs towards ``eigh`` (not measured).  ``O(1)``.
+    """
+    return d < EXACT_BELOW[method] * k * (n_iter + 1) / 4
+
+
+def _use_exact(f: Any, r: int) -> bool:
+    """Whether factor ``f`` (with ``oversample``, ``n_iter``, ``method``) replaces its sketch of rank ``r`` by ``eigh``.
+
+    Always when ``r + l >= d``; otherwise only for a fixed or scheduled rank
+    and when :func:`exact_is_cheaper` (the adaptive rank policies keep the
+    sketch: their rule reads the truncation errors of low-rank decompositions).
+    """
+    k = r + f.oversample
+    if k >= f.dim:
+        return True
+    return isinstance(f.rank_policy, (FixedRank, ScheduledRank)) and exact_is_cheaper(f.dim, k, f.method, f.n_iter)
 
 
 def _exact(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
