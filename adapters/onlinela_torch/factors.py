@@ -51,6 +51,7 @@ __all__ = [
     "BrandDenseFactor",
     "BrandFactor",
     "DenseFactor",
+    "EXACT_BELOW",
     "ErrorTargetRank",
     "FactorEigen",
     "FactorState",
@@ -59,6 +60,7 @@ __all__ = [
     "RankPolicy",
     "ScheduledRank",
     "as_rank_policy",
+    "exact_is_cheaper",
 ]
 
 logger = logging.getLogger(__name__)
