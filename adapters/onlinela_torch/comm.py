@@ -375,10 +375,9 @@ class StatisticsSync:
             return
         parts = []
         for i in chosen:
-            name, h = holders[i]
-            shape, dtype = _holder_shape(h), _holder_dtype(h)
-            parts.append((pending[i] if pending[i] is not None else torch.zeros(shape, dtype=dtype, device=device))
-                         .reshape(-1))
+            h = holders[i][1]
+            mine = pending[i] if pending[i] is not None else torch.zeros(_holder_shape(h), dtype=_holder_dtype(h), device=device)
+            parts.append(mine.reshape(-1))
         flat = torch.cat([q.to(parts[0].dtype) for q in parts])
         dist.all_reduce(flat, group=self.comm.group)
         self.comm.count("statistics", flat.numel() * flat.element_size())
