@@ -68,9 +68,9 @@ def test_recorder_under_torch_compile_matches_eager():
     eager = _model()
     ref = _record(eager, eager)
     model = _model()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="eager")  # Dynamo traces, no inductor build (CI has 2 cores)
     rec = _record(compiled, compiled)
-    # float64, the same kernels up to fusion: agreement to a few ulps of the entries' scale
+    # float64, the same kernels (eager backend): agreement to a few ulps of the entries' scale
     for key in ("A", "G"):
         torch.testing.assert_close(rec.factors[key], ref.factors[key], rtol=1e-10, atol=1e-12)
     assert len(rec.increments["A"]["norms"]) == STEPS
