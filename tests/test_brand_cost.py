@@ -154,3 +154,13 @@ def test_block_factors_of_a_distributed_preconditioner_keep_the_dense_ea():
     assert maker.for_block(4096, "wide/G", rows=8, device=torch.device("cpu")).kind == "randomized"
     after = pre.stats()["brand"]
     assert after["brand"] == before.get("brand", 0) + 1 and after["randomized_distributed"] == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(d=dims, r=ranks, s=rows)
+def test_an_exact_fallback_is_priced_as_a_dense_eigh(d, r, s):
+    model = BrandCostModel()
+    kw = dict(t_updt=10, t_inv=50, oversample=10, n_iter=3)
+    exact = model.fallback_step(d, r, s, exact=True, **kw)
+    ea = model.ea_penalty * ea_flops(d, s) / 10
+    assert exact - ea == pytest.approx(model.eigh_penalty * 9.0 * d**3 / 50, rel=1e-12)

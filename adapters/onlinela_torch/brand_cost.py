@@ -74,7 +74,10 @@ class BrandCostModel:
     -----
     Per step, Brand costs ``(G_B + p_e E_B) / T_B`` and the fallback
     ``p_a F_EA / T_updt + (G_R + p_q Q_R) / T_inv`` (:func:`brand_terms`,
-    :func:`ea_flops`, :func:`randomized_terms`); a method that keeps the dense
+    :func:`ea_flops`, :func:`randomized_terms`), with ``p_e 9d³`` in place of
+    the randomized decomposition where the fallback takes a full ``eigh``
+    (the fitted ``p_e`` is within 2× of the dense ``eigh``'s measured
+    2.0–3.9 at d = 256–1024); a method that keeps the dense
     EA next to its Brand state (``br-kfac``, ``b-kfac-c``) pays the EA either
     way, so only the decomposition is weighed.  Evaluating the rule is ``O(1)``.
     """
@@ -96,12 +99,22 @@ class BrandCostModel:
         return (gemm + self.eigh_penalty * small) / t_brand
 
     def fallback_step(
-        self, d: int, r: int, s: int, *, t_updt: int, t_inv: int, oversample: int, n_iter: int, keeps_dense: bool = False
+        self, d: int, r: int, s: int, *, t_updt: int, t_inv: int, oversample: int, n_iter: int,
+        keeps_dense: bool = False, exact: bool = False,
     ) -> float:
-        """GEMM-equivalent flops per step of the dense EA (unless ``keeps_dense``) and a randomized decomposition."""
-        gemm, small = randomized_terms(d, r, oversample, n_iter)
+        """GEMM-equivalent flops per step of the dense EA (unless ``keeps_dense``) and the fallback's decomposition.
+
+        The decomposition is a randomized SVD, or with ``exact`` a full
+        ``eigh`` (``9d³`` flops at ``eigh_penalty``: the fallback factor takes
+        it where it is cheaper, :func:`onlinela_torch.factors.exact_is_cheaper`).
+        """
+        if exact:
+            decomposition = self.eigh_penalty * 9.0 * d**3
+        else:
+            gemm, small = randomized_terms(d, r, oversample, n_iter)
+            decomposition = gemm + self.qr_penalty * small
         ea = 0.0 if keeps_dense else self.ea_penalty * ea_flops(d, s) / t_updt
-        return ea + (gemm + self.qr_penalty * small) / t_inv
+        return ea + decomposition / t_inv
 
     def pays(
         self,
@@ -115,14 +128,16 @@ class BrandCostModel:
         oversample: int,
         n_iter: int,
         keeps_dense: bool = False,
+        exact: bool = False,
     ) -> bool:
         """Whether Brand updates of a ``d``-dimensional factor (rank ``r``, ``s`` rows per update) are the cheaper choice.
 
-        Always False when ``r + s >= d`` (the update would not reduce the dimension).
+        Always False when ``r + s >= d`` (the update would not reduce the
+        dimension).  ``exact``: the fallback would decompose by a full ``eigh``.
         """
         if r + s >= d:
             return False
         brand = self.brand_step(d, r, s, t_brand=t_brand)
         fallback = self.fallback_step(d, r, s, t_updt=t_updt, t_inv=t_inv, oversample=oversample, n_iter=n_iter,
-                                      keeps_dense=keeps_dense)
+                                      keeps_dense=keeps_dense, exact=exact)
         return self.margin * brand < fallback

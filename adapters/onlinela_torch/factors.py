@@ -61,6 +61,7 @@ __all__ = [
     "ScheduledRank",
     "as_rank_policy",
     "exact_is_cheaper",
+    "fallback_takes_eigh",
 ]
 
 logger = logging.getLogger(__name__)
@@ -728,17 +729,22 @@ def exact_is_cheaper(d: int, k: int, method: str, n_iter: int) -> bool:
     return d < EXACT_BELOW[method] * k * (n_iter + 1) / 4
 
 
-def _use_exact(f: Any, r: int) -> bool:
-    """Whether factor ``f`` (with ``oversample``, ``n_iter``, ``method``) replaces its sketch of rank ``r`` by ``eigh``.
+def fallback_takes_eigh(d: int, r: int, oversample: int, n_iter: int, method: str, policy: RankPolicy) -> bool:
+    """Whether a randomized factor of dimension ``d`` replaces its rank-``r`` sketch by a full ``eigh``.
 
     Always when ``r + l >= d``; otherwise only for a fixed or scheduled rank
     and when :func:`exact_is_cheaper` (the adaptive rank policies keep the
     sketch: their rule reads the truncation errors of low-rank decompositions).
     """
-    k = r + f.oversample
-    if k >= f.dim:
+    k = r + oversample
+    if k >= d:
         return True
-    return isinstance(f.rank_policy, (FixedRank, ScheduledRank)) and exact_is_cheaper(f.dim, k, f.method, f.n_iter)
+    return isinstance(policy, (FixedRank, ScheduledRank)) and exact_is_cheaper(d, k, method, n_iter)
+
+
+def _use_exact(f: Any, r: int) -> bool:
+    """:func:`fallback_takes_eigh` for factor ``f`` (with ``oversample``, ``n_iter``, ``method``) at rank ``r``."""
+    return fallback_takes_eigh(f.dim, r, f.oversample, f.n_iter, f.method, f.rank_policy)
 
 
 def _exact(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:

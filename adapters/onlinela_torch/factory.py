@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .factors import BrandDenseFactor, BrandFactor, DenseFactor, FactorState, RandomizedFactor
+from .factors import BrandDenseFactor, BrandFactor, DenseFactor, FactorState, RandomizedFactor, fallback_takes_eigh
 from .layer import KFACLayer
 from .logs import WarningCounter
 from .methods import StepSchedule
@@ -151,6 +151,7 @@ class FactorFactory:
         elif cost is not None and not cost.pays(
             dim, r, s, t_brand=sched.t_brand(0), t_updt=sched.t_updt(0), t_inv=sched.t_inv(0),
             oversample=o.oversample, n_iter=o.n_iter, keeps_dense=keeps_dense,
+            exact=fallback_takes_eigh(dim, r, o.oversample, o.n_iter, o.brand.fallback, o.rank_policy),
         ):
             reason = "cost"
         else:
