@@ -30,8 +30,7 @@ import argparse
 import json
 import pathlib
 import platform
-import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,20 +38,11 @@ import torch
 import onlinela
 from onlinela import LowRankPSD, brand_update, randomized_eigh
 from onlinela_torch import brand_cost
+from timing import best_process_time
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DECAY = 0.95
 OVERSAMPLE, N_ITER = 10, 3
-
-
-def _best(f: Callable[[], Any], repeats: int) -> float:
-    f()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        f()
-        ts.append(time.process_time() - t0)
-    return min(ts)
 
 
 def _state(d: int, r: int, gen: torch.Generator) -> LowRankPSD:
@@ -75,9 +65,9 @@ def measure(d: int, r: int, s: int, repeats: int, gen: torch.Generator) -> dict[
 
     rng = np.random.default_rng(0)
     return {
-        "brand": _best(lambda: brand_update(state, X, decay=DECAY, rank=r, check_inputs=False), repeats),
-        "ea": _best(ea_update, repeats),
-        "randomized": _best(
+        "brand": best_process_time(lambda: brand_update(state, X, decay=DECAY, rank=r, check_inputs=False), repeats),
+        "ea": best_process_time(ea_update, repeats),
+        "randomized": best_process_time(
             lambda: randomized_eigh(M, r, method="svd", oversample=OVERSAMPLE, n_iter=N_ITER, rng=rng, check_inputs=False),
             repeats,
         ),
@@ -87,7 +77,7 @@ def measure(d: int, r: int, s: int, repeats: int, gen: torch.Generator) -> dict[
 def gemm_rate(d: int, repeats: int, gen: torch.Generator) -> float:
     """float32 GEMM flops per second of ``(d, d) @ (d, 256)``."""
     A, B = torch.randn(d, d, generator=gen), torch.randn(d, 256, generator=gen)
-    return 2.0 * d * d * 256 / _best(lambda: A @ B, repeats)
+    return 2.0 * d * d * 256 / best_process_time(lambda: A @ B, repeats)
 
 
 def fit(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -22,28 +22,18 @@ import argparse
 import json
 import pathlib
 import platform
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 import onlinela
 from onlinela import eigh, randomized_eigh
 from onlinela_torch.factors import exact_is_cheaper
+from timing import best_process_time
 
 ROOT = pathlib.Path(__file__).resolve().parent
 METHODS = ("svd", "subspace", "nystrom")
 OVERSAMPLE, N_ITER = 10, 3
-
-
-def _best(f: Callable[[], Any], repeats: int) -> float:
-    f()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        f()
-        ts.append(time.process_time() - t0)
-    return min(ts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             X = torch.randn(d, 2 * d, generator=gen)
             A = X @ X.T / d
-            row: dict[str, Any] = {"r": r, "d": d, "k": k, "eigh": _best(lambda: eigh(A, check_inputs=False), repeats)}
+            row: dict[str, Any] = {"r": r, "d": d, "k": k, "eigh": best_process_time(lambda: eigh(A, check_inputs=False), repeats)}
             for m in METHODS:
-                row[m] = _best(lambda m=m: randomized_eigh(A, r, method=m, oversample=OVERSAMPLE, n_iter=N_ITER,
+                row[m] = best_process_time(lambda m=m: randomized_eigh(A, r, method=m, oversample=OVERSAMPLE, n_iter=N_ITER,
                                                            check_inputs=False), repeats)
                 row[f"{m}_rule_exact"] = exact_is_cheaper(d, k, m, N_ITER)
             rows.append(row)
