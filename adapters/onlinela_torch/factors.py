@@ -6,15 +6,16 @@ average (EA) ``M_k = ρ M_{k-1} + (1-ρ) C_k`` in some form, and exposes a
 decomposition snapshot :class:`FactorEigen` (a :class:`onlinela.LowRankPSD`)
 that the preconditioner applies.  The strategies (algorithms.md §1, §3, §4):
 
-=====================  ===========================================  ==============================
-class                  storage                                      decomposition
-=====================  ===========================================  ==============================
-:class:`DenseFactor`   dense EA ``M`` (``d × d``)                   full ``eigh`` every ``T_inv``
-:class:`RandomizedFactor` dense EA ``M``                            randomized (RS / SRE / Nyström)
-:class:`BrandFactor`   only ``(U, D)`` (``d × r``): memory ``O(dr)``  Brand update every ``T_B``
-:class:`BrandDenseFactor` dense EA ``M`` and ``(U, D)``             Brand update, periodic randomized
-                                                                     overwrite, Rayleigh–Ritz correction
-=====================  ===========================================  ==============================
+============================  ==============================================  ====================================
+class                         storage                                         decomposition
+============================  ==============================================  ====================================
+:class:`DenseFactor`          dense EA ``M`` (``d × d``)                      full ``eigh`` every ``T_inv``
+:class:`RandomizedFactor`     dense EA ``M``                                  randomized (RS / SRE / Nyström), or
+                                                                              ``eigh`` where cheaper
+:class:`BrandFactor`          only ``(U, D)`` (``d × r``): memory ``O(dr)``   Brand update every ``T_B``
+:class:`BrandDenseFactor`     dense EA ``M`` and ``(U, D)``                   Brand update, periodic randomized
+                                                                              overwrite, Rayleigh–Ritz correction
+============================  ==============================================  ====================================
 
 The EA starts from zero and every snapshot is *debiased* by ``1/(1-ρ^k)``
 after ``k`` updates (as Adam does), so the factor has the scale of one
