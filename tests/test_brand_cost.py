@@ -164,3 +164,10 @@ def test_an_exact_fallback_is_priced_as_a_dense_eigh(d, r, s):
     exact = model.fallback_step(d, r, s, exact=True, **kw)
     ea = model.ea_penalty * ea_flops(d, s) / 10
     assert exact - ea == pytest.approx(model.eigh_penalty * 9.0 * d**3 / 50, rel=1e-12)
+
+
+def test_a_distributed_preconditioner_refuses_a_saved_brand_block_factor():
+    maker = _precond(64, 8)._factors
+    maker.dense_blocks = True
+    with pytest.raises(ValueError, match="Brand state"):
+        maker.for_block(4096, "wide/G", rows=8, device=torch.device("cpu"), kind="brand")

@@ -87,9 +87,13 @@ class FactorFactory:
 
         With :attr:`dense_blocks` a Brand kind becomes ``"randomized"``
         (counted as ``"randomized_distributed"``): averaged block statistics
-        are Gram matrices, not rows.
+        are Gram matrices, not rows; a checkpoint's Brand kind is then a
+        ValueError (a Brand-only state has no dense EA to continue from).
         """
         rng = np.random.default_rng(np.random.SeedSequence(self.options.seed, spawn_key=(zlib.crc32(name.encode()),)))
+        if self.dense_blocks and kind in ("brand", "brand+dense"):
+            raise ValueError(f"block factor {name!r} was saved with a Brand state ({kind!r}), but a distributed "
+                             "preconditioner keeps block factors dense; load the checkpoint into a single-process one")
         if kind is None and self.dense_blocks:
             kind = self.kind_for(dim, rows)
             if kind in ("brand", "brand+dense"):  # counted as "brand" by kind_for: recount it
