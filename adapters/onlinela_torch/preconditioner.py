@@ -48,7 +48,7 @@ from .inverse import apply_inverse, damped_solve, factor_scale
 from .layer import KFACLayer
 from .logs import WarningCounter
 from .methods import METHODS
-from .methods import Plan as _Plan
+from .methods import Plan
 from .options import ATTRIBUTES, BrandConfig, KFACOptions, takes_options
 from .selection import block_context, build_block_set, distributed_group_size, kronecker_layers
 from .stepping import GradientWriter, check_inputs, eigen, update_layer
@@ -160,7 +160,7 @@ class KFACPreconditioner:
         """The relative damping ``λ`` at ``step``: the schedule times :attr:`damping_factor`."""
         return self.options.schedules.damping(step) * self.damping_factor
 
-    def _plan(self, k: int) -> _Plan:
+    def _plan(self, k: int) -> Plan:
         return self._schedule.plan(k, self._brand_updates)
 
     def _kind_for(self, dim: int, s: int) -> str:
@@ -231,7 +231,7 @@ class KFACPreconditioner:
                 layer.reset_capture()
             self.steps += 1
 
-    def _update_layer(self, layer: KFACLayer, plan: _Plan, lam: float, k: int) -> None:
+    def _update_layer(self, layer: KFACLayer, plan: Plan, lam: float, k: int) -> None:
         update_layer(layer, plan, lam, k, self.options, self._warn, self._add_seconds)
 
     def _precondition_step(self, k: int, lam: float) -> bool:
