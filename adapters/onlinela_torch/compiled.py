@@ -13,6 +13,7 @@ checkpoints, are the same for a compiled and an eager model.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -35,8 +36,25 @@ def eager_hook(fn: Callable[..., Any]) -> Callable[..., Any]:
     Eager programs that never compile keep the plain function (importing
     Dynamo to wrap it costs seconds); re-register the hooks when Dynamo
     appears (:meth:`KFACPreconditioner.step` does).
+
+    The disabled form is entered only while Dynamo traces
+    (``torch.compiler.is_compiling()``): an eager call goes straight to
+    ``fn``.  Creating any ``torch.optim`` optimizer imports Dynamo, and the
+    disable wrapper's frame switch costs about 16 µs a call on a CPU, which was
+    ~10 % of a K-FAC step on a small MLP (five hook calls a step).
     """
-    return torch.compiler.disable(fn) if dynamo_loaded() else fn
+    if not dynamo_loaded():
+        return fn
+    disabled = torch.compiler.disable(fn)
+    is_compiling = torch.compiler.is_compiling
+
+    @functools.wraps(fn)
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        if is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return hook
 
 
 def clean_name(name: str) -> str:
