@@ -208,6 +208,7 @@ def test_lr_and_momentum_are_read_from_the_optimizer_and_follow_a_scheduler():
     pre = KFACPreconditioner(model, optimizer=sgd)
     assert pre.effective_lr(0) == pytest.approx(0.1 / (1 - 0.9))
     sched = torch.optim.lr_scheduler.StepLR(sgd, step_size=1, gamma=0.5)
+    sgd.step()  # no gradients: changes nothing, but keeps the documented optimizer-then-scheduler order
     sched.step()
     assert pre.effective_lr(1) == pytest.approx(0.05 / (1 - 0.9))
     plain = KFACPreconditioner(_tiny(dtype=torch.float32), lr=0.2)
