@@ -12,7 +12,7 @@ defaults; only the learning rate comes from a grid, the same grid for all:
   with :func:`inspect.signature`), otherwise ``lr=lr``.
 * ``cls:kfac``, ``cls:rs-kfac``, ``cls:b-kfac``: the optimizer classes
   ``KFAC``, ``RSKFAC``, ``BKFAC`` as ``cls(model, lr=lr, **kw)``.
-* ``--mode steps`` (the classification tasks only, at EQUAL STEPS):
+* ``--mode steps`` (at EQUAL STEPS; the classification tasks unless ``--tasks`` names others):
   ``kldwrm:so``, ``kldwrm:q``, ``kldwrm:qe``, i.e. ``KLDWRM(model, opt,
   variant=v, **kld_kw)`` under ``torch.optim.SGD(lr)`` (momentum 0, as the
   KLD-WRM docstring advises; QE gets the closure ``lambda: model(x)``),
@@ -735,7 +735,7 @@ def specs(args: argparse.Namespace) -> list[RunSpec]:
         args.lrs = "0.01,0.1" if args.lrs == ",".join(map(str, DEFAULT_LRS)) else args.lrs
         args.budget = args.budget or (0.3 if args.mode == "time" else 20)
     tasks = [task_by_name(t) for t in args.tasks.split(",")] if args.tasks else list(TASKS)
-    if args.mode == "steps":
+    if args.mode == "steps" and not args.tasks:  # the KLD-WRM comparison; tasks named in --tasks always run
         tasks = [t for t in tasks if t.kind == "classification"]
     methods = args.methods.split(",") if args.methods else list(all_methods(args.mode))
     known = set(all_methods("time")) | set(KLD_VARIANTS)

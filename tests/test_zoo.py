@@ -132,6 +132,15 @@ def test_unknown_names_are_rejected(zoo):
         zoo.specs(zoo.parser().parse_args(["--kw", "damping"]))
 
 
+def test_steps_mode_runs_named_tasks_and_defaults_to_classification(zoo):
+    default = {spec.task for spec in zoo.specs(zoo.parser().parse_args(["--mode", "steps", "--methods", "sgd"]))}
+    kinds = {zoo.task_by_name(t).kind for t in default}
+    assert kinds == {"classification"} and len(default) == sum(t.kind == "classification" for t in zoo.TASKS)
+    named = zoo.specs(zoo.parser().parse_args(["--mode", "steps", "--tasks", "reg-s10", "--methods", "sgd", "--budget", "7"]))
+    assert {s.task for s in named} == {"reg-s10"} and {s.mode for s in named} == {"steps"}
+    assert {s.budget for s in named} == {7}
+
+
 def test_peers_muon_gets_only_hidden_matrices(zoo):
     spec = importlib.util.spec_from_file_location("peers", ZOO_PATH.with_name("peers.py"))
     peers = importlib.util.module_from_spec(spec)
