@@ -232,15 +232,16 @@ def test_warmup_refreshes_decompositions_geometrically():
     assert counts == {True: 2, False: 1}
 
 
-def test_unit_grafting_makes_the_step_invariant_to_the_loss_scale():
-    """graft="unit": a loss multiplied by 100 (or summed instead of averaged) gives the same parameters."""
+@pytest.mark.parametrize("graft", ["unit", "element"])
+def test_unit_grafting_makes_the_step_invariant_to_the_loss_scale(graft):
+    """graft="unit" / "element": a loss multiplied by 100 (or summed instead of averaged) gives the same parameters."""
     x = torch.randn(32, 3)
     y = torch.randn(32, 2)
     finals = []
     for scale in (1.0, 100.0):
         model = _tiny(dtype=torch.float32)
         sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        pre = KFACPreconditioner(model, optimizer=sgd, graft="unit", kl_clip=None)
+        pre = KFACPreconditioner(model, optimizer=sgd, graft=graft, kl_clip=None)
         for _ in range(25):
             sgd.zero_grad()
             (scale * F.mse_loss(model(x), y)).backward()
@@ -249,6 +250,31 @@ def test_unit_grafting_makes_the_step_invariant_to_the_loss_scale():
         finals.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     tol = 1e3 * torch.finfo(torch.float32).eps
     torch.testing.assert_close(finals[0], finals[1], rtol=tol, atol=tol)
+
+
+def test_element_grafting_gives_every_layer_the_same_per_entry_step_rms():
+    """graft="element": on the first step (where the running RMS of ``‖g_l‖`` is ``‖g_l‖`` itself) each
+    layer's written ``[dW | db]`` and each block tensor has RMS per entry ``ELEMENT_SCALE`` exactly, whatever
+    its size; "unit" gives each of them norm 1 instead.  Tolerance: 1e3 float32 eps (the per-layer scale
+    coefficients are float32 whatever the parameters' dtype, ``scaling.direction_scales``)."""
+    from onlinela_torch.scaling import ELEMENT_SCALE
+
+    x = torch.randn(16, 3, dtype=torch.float64)
+    rms = {}
+    for graft in ("unit", "element"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 40), nn.LayerNorm(40), nn.Tanh(), nn.Linear(40, 2)).double()
+        pre = KFACPreconditioner(model, graft=graft, kl_clip=None)
+        (10.0 * model(x).square().sum()).backward()
+        pre.step()
+        layers = [torch.cat([m.weight.grad.reshape(-1), m.bias.grad.reshape(-1)]) for m in (model[0], model[3])]
+        block = [model[1].weight.grad, model[1].bias.grad]
+        rms[graft] = [float(v.norm() / v.numel() ** 0.5) for v in layers + block]
+        norms = [float(v.norm()) for v in layers + block]
+        if graft == "unit":
+            assert norms == pytest.approx([1.0] * 4, rel=1e3 * torch.finfo(torch.float32).eps)
+    assert rms["element"] == pytest.approx([ELEMENT_SCALE] * 4, rel=1e3 * torch.finfo(torch.float32).eps)
+    assert max(rms["unit"]) / min(rms["unit"]) > 2  # the sizes differ (164, 82, 40, 40 entries): "unit" does not equalise them
 
 
 # ---------------------------------------------------------------- no silent no-ops, shapes, logs

@@ -201,11 +201,14 @@ class KFACOptions:
         The factor scale ``s_X`` the relative damping multiplies: the largest
         eigenvalue (default) or the mean eigenvalue ``tr(X)/d`` (trace norm, as
         π-adjusted Tikhonov damping).
-    graft : {"unit", "sgd"} or None
+    graft : {"unit", "element", "sgd"} or None
         Step length of the preconditioned direction.  ``"unit"`` (default):
         each layer's direction is rescaled to its gradient's norm divided by
         the running RMS of that norm, so each layer's step has length ``≈ lr``
         whatever the scale of the loss (mean or sum, targets ×100);
+        ``"element"``: as ``"unit"``, times ``0.03 √n_l`` for a layer of
+        ``n_l`` entries, so that the step's RMS *per entry* is ``≈ 0.03 lr``
+        in every layer (Adam-like across layers of different sizes);
         ``"sgd"``: to its gradient's norm (SGD's step length); None: the
         natural-gradient length (the papers; use with ``kl_clip``).  See docs/tuning.rst.
 
@@ -256,7 +259,7 @@ class KFACOptions:
     optimizer: torch.optim.Optimizer | None = None
     warmup: bool = True
     damping_scale: Literal["max", "mean"] = "max"
-    graft: Literal["sgd", "unit"] | None = "unit"
+    graft: Literal["sgd", "unit", "element"] | None = "unit"
     spec: MethodSpec = field(init=False, repr=False)
     rank_policy: RankPolicy = field(init=False, repr=False)
     schedules: Schedules = field(init=False, repr=False)
@@ -295,7 +298,7 @@ class KFACOptions:
         _put(self, "seed", V.check_int(self.seed, "seed", low=0))
         self._check_objects()
         _choice(self.damping_scale, "damping_scale", ("max", "mean"))
-        _choice(self.graft, "graft", (None, "sgd", "unit"))
+        _choice(self.graft, "graft", (None, "sgd", "unit", "element"))
 
     @classmethod
     def from_keywords(cls, owner: str, options: Mapping[str, Any]) -> KFACOptions:

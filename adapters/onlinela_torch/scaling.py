@@ -32,6 +32,11 @@ def norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return stack_scalars(torch._foreach_norm(ts))
 
 
+#: per-entry step RMS, per unit of lr, of ``graft="element"``: chosen on the zoo so that the
+#: family's best learning rates sit mid-grid, as ``"unit"``'s do (docs/tuning.rst, "graft")
+ELEMENT_SCALE = 0.03
+
+
 def stack_scalars(values: Sequence[torch.Tensor]) -> torch.Tensor:
     """0-dim tensors as one float32 vector (on the first one's device; a copy only for others)."""
     dev = values[0].device
@@ -51,8 +56,10 @@ def direction_scales(
     r"""One factor ``c_l`` per direction ``v_l`` (float32, shape ``(n,)``), or None when every ``c_l = 1``.
 
     * ``graft`` set: ``c_l = ‖g_l‖ / ‖v_l‖`` (0 when ``v_l = 0``), divided by
-      ``rms[l]`` (the unit scale; entries 0 leave the factor alone).  A prior
-      RMS clip would be undone by the graft, so it is not applied.
+      ``rms[l]`` (the unit scale; entries 0 leave the factor alone), and for
+      ``graft="element"`` multiplied by ``ELEMENT_SCALE · √numel(v_l)`` (a
+      per-entry step RMS of ``ELEMENT_SCALE`` per unit of lr).  A prior RMS
+      clip would be undone by the graft, so it is not applied.
     * ``graft=None`` with ``rms_clip``: ``c_l = min(1, κ / rms(v_l))``.
     """
     if graft is None and rms_clip is None:
@@ -62,6 +69,8 @@ def direction_scales(
         c = torch.where(nv > 0, grad_norms.to(nv.device) / nv.clamp_min(_TINY), torch.zeros_like(nv))
         if rms is not None:
             c = c / torch.tensor([r if r > 0 else 1.0 for r in rms], dtype=c.dtype, device=c.device)
+        if graft == "element":
+            c = c * torch.tensor([ELEMENT_SCALE * math.sqrt(v.numel()) for v in vs], dtype=c.dtype, device=c.device)
         return c
     numel = torch.tensor([float(v.numel()) for v in vs], dtype=nv.dtype, device=nv.device)
     return torch.clamp(rms_clip / (nv / numel.sqrt()), max=1.0)

@@ -102,7 +102,7 @@ class GradientWriter:
     params : list of Tensor
         The bare model's parameters, in order.
     param_names : dict of int to str
-        ``id(parameter)`` to its name (the ``graft="unit"`` keys of block parameters).
+        ``id(parameter)`` to its name (the ``graft="unit"`` / ``"element"`` keys of block parameters).
     layers : dict of str to KFACLayer
     blocks : BlockSet
     options : KFACOptions
@@ -115,7 +115,7 @@ class GradientWriter:
     skipped_steps : int
         Steps skipped for a non-finite gradient.
     grad_sq : dict of str to (float, int)
-        Per layer / block tensor: the EA of the squared gradient norm and its count (``graft="unit"``).
+        Per layer / block tensor: the EA of the squared gradient norm and its count (``graft="unit"`` / ``"element"``).
     """
 
     def __init__(
@@ -174,7 +174,7 @@ class GradientWriter:
         gs = [g for _, g in entries] + [p.grad for p, _ in block_out]
         ng, ng_host = scaling.gather_norms(gnorm, norms_host, len(entries), others, [p for p, _ in block_out])
         rms = None
-        if o.graft == "unit" and vs:
+        if o.graft in ("unit", "element") and vs:
             keys = [layer.name for layer, _ in entries] + [self.param_names.get(id(p), str(id(p))) for p, _ in block_out]
             rms = scaling.unit_rms(self.grad_sq, keys, ng_host, UNIT_DECAY)
         scales = scaling.direction_scales(vs, ng, rms, graft=o.graft, rms_clip=o.rms_clip) if vs else None
