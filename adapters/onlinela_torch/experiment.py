@@ -406,7 +406,7 @@ _SMALL_KFAC: dict[str, Any] = {}
 # clip in place of their adaptive step size, statistics / inverses every
 # 5 / 20 steps, rank 64, no warm-up.  The clip now bounds the momentum-
 # amplified step lr/(1-β): κ = 30 is the 0.3 per step this task was measured
-# with.  With the library defaults (graft="unit") the K-FAC family stays on
+# with.  With the library's then-default graft="unit" the K-FAC family stays on
 # the mean-image plateau within the default lr grid (20-epoch probe at lr 0.1:
 # 53.0 against Adam's 48.2), see docs/tuning.rst.
 _AUTOENCODER_KFAC = {"damping": 0.01, "kl_clip": 30.0, "factor_update_freq": 5, "inv_update_freq": 20,

@@ -202,13 +202,14 @@ class KFACOptions:
         eigenvalue (default) or the mean eigenvalue ``tr(X)/d`` (trace norm, as
         π-adjusted Tikhonov damping).
     graft : {"unit", "element", "sgd"} or None
-        Step length of the preconditioned direction.  ``"unit"`` (default):
-        each layer's direction is rescaled to its gradient's norm divided by
-        the running RMS of that norm, so each layer's step has length ``≈ lr``
+        Step length of the preconditioned direction.  ``"unit"``: each
+        layer's direction is rescaled to its gradient's norm divided by the
+        running RMS of that norm, so each layer's step has length ``≈ lr``
         whatever the scale of the loss (mean or sum, targets ×100);
-        ``"element"``: as ``"unit"``, times ``0.03 √n_l`` for a layer of
-        ``n_l`` entries, so that the step's RMS *per entry* is ``≈ 0.03 lr``
-        in every layer (Adam-like across layers of different sizes);
+        ``"element"`` (default): as ``"unit"``, times ``0.03 √n_l`` for a
+        layer of ``n_l`` entries, so that the step's RMS *per entry* is
+        ``≈ 0.03 lr`` in every layer (Adam-like across layers of different
+        sizes; chosen on the task zoo, docs/tuning.rst);
         ``"sgd"``: to its gradient's norm (SGD's step length); None: the
         natural-gradient length (the papers; use with ``kl_clip``).  See docs/tuning.rst.
 
@@ -259,7 +260,7 @@ class KFACOptions:
     optimizer: torch.optim.Optimizer | None = None
     warmup: bool = True
     damping_scale: Literal["max", "mean"] = "max"
-    graft: Literal["sgd", "unit", "element"] | None = "unit"
+    graft: Literal["sgd", "unit", "element"] | None = "element"
     spec: MethodSpec = field(init=False, repr=False)
     rank_policy: RankPolicy = field(init=False, repr=False)
     schedules: Schedules = field(init=False, repr=False)

@@ -137,7 +137,7 @@ def unit_rms(store: dict[str, tuple[float, int]], keys: list[str], grad_norms: l
 
     After grafting ``‖v_l‖ = ‖g_l‖``, so dividing by this RMS makes each
     layer's step ``≈ lr`` long whatever the scale of the loss, layer by layer
-    (``graft="unit"``).  Host floats: ``store`` is part of the checkpoint.
+    (``graft="unit"``; ``"element"`` then scales it per entry).  Host floats: ``store`` is part of the checkpoint.
     """
     out = []
     for key, n in zip(keys, grad_norms):

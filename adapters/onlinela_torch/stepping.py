@@ -29,7 +29,7 @@ from .options import KFACOptions
 
 __all__ = ["GradientWriter", "check_inputs", "eigen", "update_layer"]
 
-#: decay of the running mean of the squared gradient norm of ``graft="unit"``
+#: decay of the running mean of the squared gradient norm of ``graft="unit"`` and ``"element"``
 UNIT_DECAY = 0.99
 
 AddSeconds = Callable[[KFACLayer, str, float], None]
