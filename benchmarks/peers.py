@@ -223,6 +223,21 @@ def peers_rst(summary: dict[str, Any], runs: list[dict]) -> str:
     return "\n".join(out)
 
 
+def merged_runs(paths: list[str]) -> list[dict]:
+    """The runs of written JSONs, merged: a later file's run of the same task, method, lr and seed replaces an earlier one.
+
+    Strict JSON wrote non-finite scores as null; they are read back as inf.
+    The summary of runs at several seeds picks each method's lr by the mean
+    over the seeds (:func:`zoo.summarize`).
+    """
+    runs: dict[tuple, dict] = {}
+    for path in paths:
+        for r in json.loads(pathlib.Path(path).read_text())["runs"]:
+            r["score"] = math.inf if r["score"] is None else r["score"]
+            runs[(r["task"], r["method"], r["lr"], r["seed"])] = r
+    return list(runs.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the peers benchmark; write JSON + PNG; print the table."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -235,14 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kw", nargs="*", default=[], help="extra KFACPreconditioner options for the onlinela runs")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", default=str(zoo.RESULTS / "peers.json"))
-    p.add_argument("--report", default=None, help="print the tables (text and reST) of a written JSON; runs nothing")
+    p.add_argument("--report", nargs="+", default=None,
+                   help="print the tables (text and reST) of written JSONs, merged (e.g. one per seed); runs nothing")
     args = p.parse_args(argv)
     if args.report:
-        doc = json.loads(pathlib.Path(args.report).read_text())
-        for r in doc["runs"]:  # strict JSON wrote non-finite scores as null
-            r["score"] = math.inf if r["score"] is None else r["score"]
-        summary = zoo.summarize(doc["runs"])
-        print(peers_table(summary, doc["runs"]), peers_rst(summary, doc["runs"]), sep="\n\n")
+        runs = merged_runs(args.report)
+        summary = zoo.summarize(runs)
+        print(peers_table(summary, runs), peers_rst(summary, runs), sep="\n\n")
         return 0
     avail = availability()
     for name, why in avail.items():

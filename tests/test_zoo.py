@@ -174,3 +174,21 @@ def test_report_merges_runs_later_file_wins(zoo, fast_json, tmp_path, capsys):
     cell = m["summary"]["per_task"]["reg-s1"]["methods"]["kfac"]
     assert cell["best_lr"] == 0.01 and cell["score"] == 1e-9 and cell["beats_first_order"] is False  # no adam run
     assert "beats SGD and Adam" in capsys.readouterr().out
+
+
+def test_peers_report_merges_seeds_and_later_file_wins(zoo, tmp_path):
+    spec = importlib.util.spec_from_file_location("peers", ZOO_PATH.with_name("peers.py"))
+    peers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peers)
+
+    def run(seed, lr, score):
+        return {"task": "mnist-cnn", "method": "adam", "lr": lr, "seed": seed, "score": score, "diverged": score is None}
+
+    first = tmp_path / "seed0.json"
+    second = tmp_path / "seed1.json"
+    first.write_text(json.dumps({"runs": [run(0, 0.01, 1.0), run(0, 0.1, None)]}))
+    # seed 1 adds two runs and re-runs (seed 0, lr 0.01): that later record replaces the earlier one
+    second.write_text(json.dumps({"runs": [run(1, 0.01, 3.0), run(1, 0.1, 2.0), run(0, 0.01, 5.0)]}))
+    runs = peers.merged_runs([str(first), str(second)])
+    by = {(r["seed"], r["lr"]): r["score"] for r in runs}
+    assert by == {(0, 0.01): 5.0, (0, 0.1): math.inf, (1, 0.01): 3.0, (1, 0.1): 2.0}  # null read back as inf
