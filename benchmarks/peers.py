@@ -223,21 +223,6 @@ def peers_rst(summary: dict[str, Any], runs: list[dict]) -> str:
     return "\n".join(out)
 
 
-def merged_runs(paths: list[str]) -> list[dict]:
-    """The runs of written JSONs, merged: a later file's run of the same task, method, lr and seed replaces an earlier one.
-
-    Strict JSON wrote non-finite scores as null; they are read back as inf.
-    The summary of runs at several seeds picks each method's lr by the mean
-    over the seeds (:func:`zoo.summarize`).
-    """
-    runs: dict[tuple, dict] = {}
-    for path in paths:
-        for r in json.loads(pathlib.Path(path).read_text())["runs"]:
-            r["score"] = math.inf if r["score"] is None else r["score"]
-            runs[(r["task"], r["method"], r["lr"], r["seed"])] = r
-    return list(runs.values())
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the peers benchmark; write JSON + PNG; print the table."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -254,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the tables (text and reST) of written JSONs, merged (e.g. one per seed); runs nothing")
     args = p.parse_args(argv)
     if args.report:
-        runs = merged_runs(args.report)
+        runs = zoo.merge_runs([json.loads(pathlib.Path(f).read_text()) for f in args.report])
         summary = zoo.summarize(runs)
         print(peers_table(summary, runs), peers_rst(summary, runs), sep="\n\n")
         return 0

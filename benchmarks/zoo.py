@@ -780,24 +780,32 @@ def _log(i: int, n: int, rec: dict) -> None:
     )  # fmt: skip
 
 
+def merge_runs(docs: list[dict], keep: set[str] | None = None) -> list[dict]:
+    """The runs of written JSON documents, merged: a later document's run of the same task, method, lr and
+    seed replaces an earlier one; only the methods in ``keep`` when given.  Strict JSON wrote non-finite
+    scores as null; they are read back as inf."""
+    runs: dict[tuple, dict] = {}
+    for doc in docs:
+        for r in doc["runs"]:
+            if keep is None or r["method"] in keep:
+                r["score"] = math.inf if r["score"] is None else r["score"]
+                runs[(r["task"], r["method"], r["lr"], r["seed"])] = r
+    return list(runs.values())
+
+
 def report(args: argparse.Namespace) -> int:
     """``--report A.json [B.json ...]``: the tables of written runs, merged (a later file's run of the same
     task, method, lr and seed replaces an earlier one), restricted to ``--methods`` when given; with ``--out``
     the merged JSON and PNG are written too."""
     docs = [json.loads(pathlib.Path(f).read_text()) for f in args.report]
     keep = set(args.methods.split(",")) if args.methods else None
-    runs: dict[tuple, dict] = {}
-    for doc in docs:
-        for r in doc["runs"]:
-            if keep is None or r["method"] in keep:
-                r["score"] = math.inf if r["score"] is None else r["score"]  # strict JSON wrote inf as null
-                runs[(r["task"], r["method"], r["lr"], r["seed"])] = r
-    summary = summarize(list(runs.values()), docs[-1]["mode"])
+    runs = merge_runs(docs, keep)
+    summary = summarize(runs, docs[-1]["mode"])
     print(task_table(summary), table(summary), rst(summary), sep="\n\n")
     if args.out:
         out = pathlib.Path(args.out)
         merged = dict(docs[-1], merged_from=list(args.report), methods=sorted(keep) if keep else None)
-        merged.update(summary=summary, runs=list(runs.values()))
+        merged.update(summary=summary, runs=runs)
         out.write_text(json.dumps(clean(merged), indent=1, allow_nan=False))
         plot(summary, out.with_suffix(".png"), f"zoo (merged report, {merged['environment']['git'][:12]})")
     return 0

@@ -176,11 +176,7 @@ def test_report_merges_runs_later_file_wins(zoo, fast_json, tmp_path, capsys):
     assert "beats SGD and Adam" in capsys.readouterr().out
 
 
-def test_peers_report_merges_seeds_and_later_file_wins(zoo, tmp_path):
-    spec = importlib.util.spec_from_file_location("peers", ZOO_PATH.with_name("peers.py"))
-    peers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peers)
-
+def test_merge_runs_keeps_seeds_and_later_file_wins(zoo, tmp_path):
     def run(seed, lr, score):
         return {"task": "mnist-cnn", "method": "adam", "lr": lr, "seed": seed, "score": score, "diverged": score is None}
 
@@ -189,6 +185,6 @@ def test_peers_report_merges_seeds_and_later_file_wins(zoo, tmp_path):
     first.write_text(json.dumps({"runs": [run(0, 0.01, 1.0), run(0, 0.1, None)]}))
     # seed 1 adds two runs and re-runs (seed 0, lr 0.01): that later record replaces the earlier one
     second.write_text(json.dumps({"runs": [run(1, 0.01, 3.0), run(1, 0.1, 2.0), run(0, 0.01, 5.0)]}))
-    runs = peers.merged_runs([str(first), str(second)])
+    runs = zoo.merge_runs([json.loads(f.read_text()) for f in (first, second)])  # what peers.py --report reads
     by = {(r["seed"], r["lr"]): r["score"] for r in runs}
     assert by == {(0, 0.01): 5.0, (0, 0.1): math.inf, (1, 0.01): 3.0, (1, 0.1): 2.0}  # null read back as inf
